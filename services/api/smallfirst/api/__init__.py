@@ -1,0 +1,1 @@
+"""smallfirst api service."""

@@ -1,0 +1,1 @@
+"""smallfirst cli service."""

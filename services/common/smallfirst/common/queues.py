@@ -1,0 +1,90 @@
+"""The Celery application and the one place that publishes job messages.
+
+Messages carry only the job id; the job record in Redis is the truth. Reliability settings follow
+shared/REFERENCE.md ("Celery with a Redis broker"): late acks, reject on worker lost, prefetch 1,
+a visibility timeout longer than the longest job, and soft shutdown.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from smallfirst.common import constants as k
+from smallfirst.common.jobs import Job, Priority, Tier
+from smallfirst.common.settings import CoreSettings
+
+
+def make_celery(settings: CoreSettings, *, main: str = "smallfirst") -> Celery:
+    app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # An unexpected exception is a bug or a broken dependency: give the message back instead
+        # of acking it, so the job is retried rather than lost (the CAS guards against doubles).
+        task_acks_on_failure_or_timeout=False,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_timeout_s,
+        worker_enable_soft_shutdown_on_idle=True,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Workers that stop consuming after a Redis reconnect (celery#8082): let the broker
+        # connection be re-established instead of cancelling the running tasks.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(k.PRIORITY_STEPS),
+            "sep": k.PRIORITY_SEP,
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+        },
+        task_queues=[Queue(name) for name in k.ALL_QUEUES],
+        task_default_queue=k.QUEUE_SMALL,
+        task_default_priority=k.PRIORITY_NORMAL,
+        task_routes={
+            k.TASK_RUN_SMALL: {"queue": k.QUEUE_SMALL},
+            k.TASK_RUN_FRONTIER: {"queue": k.QUEUE_FRONTIER},
+            k.TASK_DELIVER_WEBHOOK: {"queue": k.QUEUE_WEBHOOKS},
+        },
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def message_priority(priority: Priority, *, escalated: bool = False) -> int:
+    step = k.PRIORITY_BY_NAME[priority.value]
+    if escalated:
+        step = max(k.PRIORITY_STEPS[0], step - k.PRIORITY_ESCALATION_BOOST)
+    return step
+
+
+class Publisher:
+    """Sends the message that makes a worker pick a job up. Duplicates are harmless: the job's
+    compare-and-set lets exactly one delivery run an attempt."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def publish_job(self, job: Job) -> None:
+        """First delivery of a queued job, to the tier the routing policy chose."""
+        if job.route.tier is Tier.SMALL:
+            self._send(k.TASK_RUN_SMALL, job.id, k.QUEUE_SMALL, message_priority(job.priority))
+        else:
+            self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_FRONTIER, message_priority(job.priority))
+
+    def publish_escalation(self, job: Job) -> None:
+        self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_ESCALATION, message_priority(job.priority, escalated=True))
+
+    def publish_webhook(self, job_id: str) -> None:
+        self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL)
+
+    def _send(self, task_name: str, job_id: str, queue: str, priority: int) -> None:
+        self.app.send_task(task_name, args=[job_id], queue=queue, priority=priority)

@@ -1,0 +1,1 @@
+"""smallfirst frontier_worker service."""

@@ -1,0 +1,1 @@
+"""smallfirst small_worker service."""
