@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from smallfirst.common.validation import validate
+
+
+def test_classify_answer_outside_labels_fails(catalog) -> None:
+    task = catalog.get("banking77_intent")
+    verdict = validate(task, {"label": "pizza_order"}, 0.9, {"text": "x"})
+    assert not verdict.passed
+    assert verdict.reasons[0].startswith("choice:")
+
+
+def test_classify_answer_with_low_confidence_fails_with_reason(catalog) -> None:
+    task = catalog.get("banking77_intent")
+    verdict = validate(task, {"label": "card_arrival"}, 0.2, {"text": "where is my card"})
+    assert not verdict.passed
+    assert verdict.reasons == ["min_confidence: confidence 0.200 is below 0.500"]
+
+
+def test_confident_classify_answer_passes(catalog) -> None:
+    verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, 0.8, {"text": "card?"})
+    assert verdict.passed and verdict.reasons == []
+
+
+INVOICE = "Invoice INV-2041 from Acme Tools Ltd. Total due: 1,250.00 EUR by 2026-12-01."
+
+
+def test_grounded_extract_passes(catalog) -> None:
+    answer = {"invoice_number": "INV-2041", "vendor": "Acme Tools Ltd", "total_amount": "1,250.00", "currency": "EUR"}
+    assert validate(catalog.get("invoice_fields"), answer, None, {"text": INVOICE}).passed
+
+
+def test_invented_value_fails_grounded(catalog) -> None:
+    answer = {"invoice_number": "INV-9999", "vendor": "Acme Tools Ltd", "total_amount": "1,250.00", "currency": "EUR"}
+    verdict = validate(catalog.get("invoice_fields"), answer, None, {"text": INVOICE})
+    assert not verdict.passed
+    assert any(r.startswith("grounded: invoice_number") for r in verdict.reasons)
+
+
+def test_truncated_json_fails_schema(catalog) -> None:
+    verdict = validate(catalog.get("invoice_fields"), '{"invoice_number": "INV-', None, {"text": INVOICE})
+    assert not verdict.passed
+    assert verdict.reasons[0].startswith("json_schema: the answer is not JSON")
+
+
+def test_missing_required_field_fails_schema(catalog) -> None:
+    verdict = validate(catalog.get("invoice_fields"), {"vendor": "Acme Tools Ltd"}, None, {"text": INVOICE})
+    assert not verdict.passed
+    assert any("'invoice_number' is a required property" in r for r in verdict.reasons)
+
+
+def test_regex_on_field(catalog) -> None:
+    answer = {"invoice_number": "INV-2041", "vendor": "Acme Tools Ltd", "total_amount": "due", "currency": "EUR"}
+    verdict = validate(catalog.get("invoice_fields"), answer, None, {"text": INVOICE + " due"})
+    assert any(r.startswith("regex: field 'total_amount'") for r in verdict.reasons)
+
+
+def test_summary_too_long_or_empty_fails(catalog) -> None:
+    task = catalog.get("email_summary")
+    assert validate(task, "x" * 601, None, {"text": "hi"}).reasons == ["max_length: 601 characters, at most 600 allowed"]
+    assert "non_empty: the answer is empty" in validate(task, "   ", None, {"text": "hi"}).reasons
+    assert validate(task, "Ann asks for a refund by Friday.", None, {"text": "hi"}).passed
