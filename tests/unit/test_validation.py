@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from smallfirst.common.jobs import Tier
 from smallfirst.common.validation import validate
 
 
@@ -60,3 +61,16 @@ def test_summary_too_long_or_empty_fails(catalog) -> None:
     assert validate(task, "x" * 601, None, {"text": "hi"}).reasons == ["max_length: 601 characters, at most 600 allowed"]
     assert "non_empty: the answer is empty" in validate(task, "   ", None, {"text": "hi"}).reasons
     assert validate(task, "Ann asks for a refund by Friday.", None, {"text": "hi"}).passed
+
+
+def test_frontier_classify_answer_needs_no_confidence(catalog) -> None:
+    # given: a frontier answer (no confidence score) to a task with a min_confidence validator
+    verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, None, {"text": "card?"},
+                       tier=Tier.FRONTIER)
+    # then: the threshold, which decides escalation, does not apply
+    assert verdict.passed
+
+
+def test_small_classify_answer_without_confidence_fails(catalog) -> None:
+    verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, None, {"text": "card?"})
+    assert verdict.reasons == ["min_confidence: the answer carries no confidence"]

@@ -24,7 +24,7 @@ from smallfirst.common.catalog import (
     TaskKind,
     ValidatorSpec,
 )
-from smallfirst.common.jobs import Verdict
+from smallfirst.common.jobs import Tier, Verdict
 
 
 def _as_text(answer: Any) -> str:
@@ -118,10 +118,15 @@ def implicit_validators(task: Task) -> tuple[ValidatorSpec, ...]:
     return (NonEmptyValidator(),)
 
 
-def validate(task: Task, answer: Any, confidence: float | None, job_input: dict[str, str]) -> Verdict:
+def validate(task: Task, answer: Any, confidence: float | None, job_input: dict[str, str], *,
+             tier: Tier = Tier.SMALL) -> Verdict:
     reasons: list[str] = []
     seen: set[str] = set()
     for spec in (*implicit_validators(task), *task.validators):
+        if isinstance(spec, MinConfidenceValidator) and tier is Tier.FRONTIER:
+            # A confidence threshold decides whether to escalate; the frontier tier is where
+            # escalations end, and its answers carry no comparable score.
+            continue
         key = spec.model_dump_json()
         if key in seen:
             continue

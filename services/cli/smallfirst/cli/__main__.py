@@ -1,0 +1,3 @@
+from smallfirst.cli.main import main
+
+main()

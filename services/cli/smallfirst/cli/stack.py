@@ -1,0 +1,273 @@
+"""The whole smallfirst stack as local processes: what `smallfirst dev` runs and the end-to-end
+tests start. Each component is a real process (redis-server, inference servers running vLLM,
+Celery workers, uvicorn, the frontier simulator) that can be stopped, killed and restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from smallfirst.common import constants as k
+
+EMBED_MODEL_NAME = "all-minilm-l6-v2"
+GENERATOR_MODEL_NAME = "tiny-generator"
+
+
+class StackError(RuntimeError):
+    """A component of the stack did not start; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _smallfirst_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "smallfirst.cli", *args]
+
+
+@dataclass
+class Component:
+    """One supervised process of the stack."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], bool]
+    ready_timeout_s: float = 60.0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Component:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                         start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise StackError(f"{self.name} exited during start-up:\n{self.tail()}")
+            if self.ready():
+                return
+            time.sleep(0.2)
+        raise StackError(f"{self.name} was not ready within {timeout_s or self.ready_timeout_s} s:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL to the component and its children: a crash, not a shutdown."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=15)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def restart(self, wait: bool = True) -> Component:
+        self.stop()
+        return self.start(wait=wait)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return f"({self.name}: no log)"
+        return f"--- {self.log_path} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
+
+
+@dataclass
+class StackConfig:
+    workdir: Path
+    catalog_path: Path
+    redis_url: str | None = None  # None: start a local redis-server
+    anthropic_api_key: str | None = None  # None: start the frontier simulator
+    frontier_sim_args: list[str] = field(default_factory=list)
+    small_concurrency: int = 32
+    frontier_concurrency: int = 16
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # Short leases and sweeps make crash recovery observable in tests; production keeps the defaults.
+    job_lease_s: int | None = None
+    sweep_interval_s: float | None = None
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.workdir = config.workdir
+        self.logs = config.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.components: dict[str, Component] = {}
+        self.redis_url = config.redis_url or ""
+        self.ports: dict[str, int] = {}
+        self.frontier_base_url: str | None = None
+        self.frontier_is_simulated = config.anthropic_api_key is None
+
+    # ---- environment shared by every smallfirst process --------------------------------------
+    def env(self) -> dict[str, str]:
+        env = {
+            "SMALLFIRST_REDIS_URL": self.redis_url,
+            "SMALLFIRST_CATALOG_PATH": str(self.config.catalog_path),
+            "SMALLFIRST_HEARTBEAT_DIR": str(self.workdir / "heartbeats"),
+            "SMALLFIRST_INFERENCE_TARGETS": (
+                f'{{"{EMBED_MODEL_NAME}": "127.0.0.1:{self.ports.get("embed", 0)}", '
+                f'"{GENERATOR_MODEL_NAME}": "127.0.0.1:{self.ports.get("generate", 0)}"}}'
+            ),
+            "SMALLFIRST_ALLOW_PRIVATE_CALLBACKS": "true",
+        }
+        if self.frontier_base_url:
+            env["SMALLFIRST_FRONTIER_BASE_URL"] = self.frontier_base_url
+        env["ANTHROPIC_API_KEY"] = self.config.anthropic_api_key or "sim-key"
+        if self.config.job_lease_s is not None:
+            env["SMALLFIRST_JOB_LEASE_S"] = str(self.config.job_lease_s)
+        if self.config.sweep_interval_s is not None:
+            env["SMALLFIRST_SWEEP_INTERVAL_S"] = str(self.config.sweep_interval_s)
+        env.update(self.config.extra_env)
+        return env
+
+    def _add(self, component: Component) -> Component:
+        self.components[component.name] = component
+        return component
+
+    def __getitem__(self, name: str) -> Component:
+        return self.components[name]
+
+    # ---- components ----------------------------------------------------------------------------
+    def start_redis(self) -> None:
+        if self.config.redis_url:
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server is not installed and REDIS_URL is not set")
+        port = free_port()
+        self.ports["redis"] = port
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        data = self.workdir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        url = self.redis_url
+
+        def pings() -> bool:
+            try:
+                return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+            except redis.RedisError:
+                return False
+
+        # AOF on and no eviction: the settings the job store relies on (README, "Redis").
+        self._add(Component("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+                                      "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--save", ""],
+                            {}, self.logs / "redis.log", pings, 20)).start()
+
+    def start_inference(self, kind: str, model_path: Path) -> Component:
+        port = self.ports.setdefault(kind, free_port())
+        name = EMBED_MODEL_NAME if kind == "embed" else GENERATOR_MODEL_NAME
+        env = {
+            "SMALLFIRST_INFERENCE_MODEL_PATH": str(model_path),
+            "SMALLFIRST_INFERENCE_SERVED_MODEL_NAME": name,
+            "SMALLFIRST_INFERENCE_RUNNER": "pooling" if kind == "embed" else "generate",
+            "SMALLFIRST_INFERENCE_LOAD_FORMAT": "auto" if kind == "embed" else "dummy",
+            "SMALLFIRST_INFERENCE_HOST": "127.0.0.1",
+            "SMALLFIRST_INFERENCE_PORT": str(port),
+            "SMALLFIRST_INFERENCE_METRICS_PORT": "0",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
+        component = Component(f"inference-{kind}", _smallfirst_argv("inference"), {**self.env(), **env},
+                              self.logs / f"inference-{kind}.log", lambda: port_open(port), 300)
+        return self._add(component).start(wait=False)
+
+    def start_frontier_sim(self) -> None:
+        if not self.frontier_is_simulated:
+            return
+        port = self.ports.setdefault("frontier_sim", free_port())
+        self.frontier_base_url = f"http://127.0.0.1:{port}"
+        self._add(Component("frontier-sim", _smallfirst_argv("frontier-sim", "--host", "127.0.0.1", "--port",
+                                                              str(port), *self.config.frontier_sim_args),
+                            self.env(), self.logs / "frontier-sim.log", lambda: port_open(port), 60)).start()
+
+    def start_worker(self, pool: str, name: str | None = None) -> Component:
+        name = name or f"worker-{pool}"
+        concurrency = self.config.small_concurrency if pool == k.POOL_SMALL else self.config.frontier_concurrency
+        heartbeat = self.workdir / "heartbeats" / f"smallfirst-worker-{pool}.heartbeat"
+        heartbeat.unlink(missing_ok=True)
+        component = Component(name, _smallfirst_argv("worker", "--pool", pool, "--concurrency", str(concurrency),
+                                                     "--hostname", f"{name}@%h"),
+                              self.env(), self.logs / f"{name}.log", heartbeat.exists, 90)
+        return self._add(component).start()
+
+    def start_api(self) -> Component:
+        port = self.ports.setdefault("api", free_port())
+        component = Component("api", _smallfirst_argv("api", "--host", "127.0.0.1", "--port", str(port)),
+                              self.env(), self.logs / "api.log", lambda: port_open(port), 60)
+        return self._add(component).start()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    def start_all(self, embed_model: Path, generator_model: Path) -> None:
+        self.start_redis()
+        # Both engines load while the rest starts; they are the slow part (vLLM start-up).
+        embed = self.start_inference("embed", embed_model)
+        generate = self.start_inference("generate", generator_model)
+        self.start_frontier_sim()
+        self.start_api()
+        embed.wait_ready()
+        generate.wait_ready()
+        self.start_worker(k.POOL_SMALL)
+        self.start_worker(k.POOL_FRONTIER)
+
+    def stop_all(self) -> None:
+        # Workers first (they drain), then what they depend on, Redis last.
+        order = [n for n in self.components if n.startswith("worker")] + [
+            n for n in self.components if not n.startswith("worker") and n != "redis"] + ["redis"]
+        for name in order:
+            if name in self.components:
+                self.components[name].stop()
+
+
+@contextlib.contextmanager
+def running_stack(config: StackConfig, embed_model: Path, generator_model: Path) -> Iterator[Stack]:
+    stack = Stack(config)
+    try:
+        stack.start_all(embed_model, generator_model)
+        yield stack
+    finally:
+        stack.stop_all()

@@ -1,0 +1,86 @@
+"""What both worker pools share around their Celery tasks: building the per-process runtime after
+the worker starts, retrying on infrastructure errors, the sweeper and the liveness heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import redis
+from celery import Celery, signals
+
+from smallfirst.common.catalog import load_catalog
+from smallfirst.common.execution import JobExecution
+from smallfirst.common.queues import Publisher
+from smallfirst.common.runtime import HeartbeatStep, Sweeper, SweeperThread
+from smallfirst.common.settings import CoreSettings
+from smallfirst.common.store import JobStore, StoreConflict
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors of the infrastructure (not of the job): the task gives its message back to the queue with a
+# backoff instead of failing the job, so a Redis restart loses nothing.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, StoreConflict)
+RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
+
+
+class Lazy(Generic[T]):
+    """Built on first use, once, in the worker process: gRPC channels and Redis pools must not be
+    created before a process forks (grpc/grpc#13464)."""
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._factory()
+        return self._value
+
+    @property
+    def built(self) -> bool:
+        return self._value is not None
+
+
+def build_execution(settings: CoreSettings, app: Celery) -> JobExecution:
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=10, socket_keepalive=True)
+    store = JobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    return JobExecution(store, Publisher(app), load_catalog(settings.catalog_path), lease_s=settings.job_lease_s,
+                        worker_name=worker_name)
+
+
+def retry_countdown_s(retries: int) -> int:
+    return RETRY_BACKOFF_S[min(retries, len(RETRY_BACKOFF_S) - 1)]
+
+
+def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, execution: Lazy[JobExecution]) -> None:
+    """Heartbeat for the liveness probe, and the sweeper thread (one active per deployment)."""
+
+    class PoolHeartbeat(HeartbeatStep):
+        pool_name = pool
+
+    app.steps["consumer"].add(PoolHeartbeat)
+    sweeper_threads: list[SweeperThread] = []
+
+    @signals.worker_ready.connect(weak=False)
+    def start_sweeper(**_: object) -> None:
+        runtime = execution.get()
+        thread = SweeperThread(Sweeper(runtime.store, runtime.publisher), interval_s=settings.sweep_interval_s,
+                               owner=runtime.worker_name)
+        thread.start()
+        sweeper_threads.append(thread)
+
+    @signals.worker_shutdown.connect(weak=False)
+    def stop_sweeper(**_: object) -> None:
+        for thread in sweeper_threads:
+            thread.stop()
