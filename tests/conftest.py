@@ -10,6 +10,13 @@ import pytest
 from smallfirst.common.catalog import Catalog, default_catalog_path, load_catalog
 from tests.support.redis_server import RedisServer
 
+pytest_plugins = [
+    "tests.api_fixtures",
+    "tests.frontier_fixtures",
+    "tests.inference_fixtures",
+    "tests.observability_fixtures",
+]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 

@@ -39,7 +39,9 @@ def test_error_names_file_task_and_field(tmp_path: Path) -> None:
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
     message = str(info.value)
-    assert str(path) in message and "'t1'" in message and "labels" in message
+    assert str(path) in message
+    assert "'t1'" in message
+    assert "labels" in message
 
 
 def test_extract_task_without_schema_is_refused(tmp_path: Path) -> None:

@@ -63,7 +63,8 @@ def test_redelivery_after_lease_expiry_abandons_the_dead_attempt_unbilled(store:
     # then
     assert [a.outcome for a in after.attempts] == [AttemptOutcome.ABANDONED, AttemptOutcome.RUNNING]
     assert not after.attempts[0].billed
-    assert after.attempts[0].error is not None and after.attempts[0].error.code == "worker_lost"
+    assert after.attempts[0].error is not None
+    assert after.attempts[0].error.code == "worker_lost"
 
 
 def test_job_completes_exactly_once_under_concurrent_completions(store: JobStore) -> None:
@@ -92,7 +93,8 @@ def test_job_completes_exactly_once_under_concurrent_completions(store: JobStore
     # then: one wins, the stats count one ended job
     assert sorted(results) == ["refused"] * 7 + ["won"]
     stats = store.redis.hgetall(k.stats_key("t1", "banking77_intent"))
-    assert stats[b"jobs_ended"] == b"1" and stats[b"status:succeeded"] == b"1"
+    assert stats[b"jobs_ended"] == b"1"
+    assert stats[b"status:succeeded"] == b"1"
 
 
 def test_late_answer_does_not_overwrite_cancel(store: JobStore) -> None:
@@ -108,7 +110,8 @@ def test_late_answer_does_not_overwrite_cancel(store: JobStore) -> None:
             confidence=1.0, usage=Usage(), cost_usd=0.0, verdict=Verdict(passed=True)))
     # then
     final = store.get(job.id)
-    assert final.status is JobStatus.CANCELLED and final.result is None
+    assert final.status is JobStatus.CANCELLED
+    assert final.result is None
 
 
 def test_escalation_hands_job_to_frontier_and_counts_reason(store: JobStore) -> None:
@@ -153,7 +156,8 @@ def test_terminal_transition_publishes_event_and_fills_webhook_outbox(store: Job
         error=ErrorInfo(code="validation_failed", message="no")))
     # then
     message = pubsub.get_message(timeout=2)
-    assert message is not None and message["data"] == b"failed"
+    assert message is not None
+    assert message["data"] == b"failed"
     assert store.redis.zscore(k.WEBHOOK_OUTBOX_KEY, job.id) is not None
     assert store.redis.zscore(k.ACTIVE_JOBS_KEY, job.id) is None
 
@@ -164,4 +168,5 @@ def test_active_index_tracks_lease_of_running_job(store: JobStore) -> None:
     now = time.time()
     begin(store, job, Tier.SMALL, "d1", lease_s=120, now=now)
     assert store.redis.zscore(k.ACTIVE_JOBS_KEY, job.id) == pytest.approx(now + 120)
-    assert store.due_jobs(now + 119) == [] and store.due_jobs(now + 121) == [job.id]
+    assert store.due_jobs(now + 119) == []
+    assert store.due_jobs(now + 121) == [job.id]

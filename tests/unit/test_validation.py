@@ -20,7 +20,8 @@ def test_classify_answer_with_low_confidence_fails_with_reason(catalog) -> None:
 
 def test_confident_classify_answer_passes(catalog) -> None:
     verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, 0.8, {"text": "card?"})
-    assert verdict.passed and verdict.reasons == []
+    assert verdict.passed
+    assert verdict.reasons == []
 
 
 INVOICE = "Invoice INV-2041 from Acme Tools Ltd. Total due: 1,250.00 EUR by 2026-12-01."
@@ -58,7 +59,8 @@ def test_regex_on_field(catalog) -> None:
 
 def test_summary_too_long_or_empty_fails(catalog) -> None:
     task = catalog.get("email_summary")
-    assert validate(task, "x" * 601, None, {"text": "hi"}).reasons == ["max_length: 601 characters, at most 600 allowed"]
+    too_long = validate(task, "x" * 601, None, {"text": "hi"})
+    assert too_long.reasons == ["max_length: 601 characters, at most 600 allowed"]
     assert "non_empty: the answer is empty" in validate(task, "   ", None, {"text": "hi"}).reasons
     assert validate(task, "Ann asks for a refund by Friday.", None, {"text": "hi"}).passed
 

@@ -125,6 +125,8 @@ class StackConfig:
     small_concurrency: int = 32
     frontier_concurrency: int = 16
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Inference servers already running (kind "embed"/"generate" -> port): used instead of starting them.
+    inference_ports: dict[str, int] = field(default_factory=dict)
     # Short leases and sweeps make crash recovery observable in tests; production keeps the defaults.
     job_lease_s: int | None = None
     sweep_interval_s: float | None = None
@@ -138,7 +140,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.components: dict[str, Component] = {}
         self.redis_url = config.redis_url or ""
-        self.ports: dict[str, int] = {}
+        self.ports: dict[str, int] = dict(config.inference_ports)
         self.frontier_base_url: str | None = None
         self.frontier_is_simulated = config.anthropic_api_key is None
 
@@ -242,15 +244,16 @@ class Stack:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['api']}"
 
-    def start_all(self, embed_model: Path, generator_model: Path) -> None:
+    def start_all(self, embed_model: Path | None = None, generator_model: Path | None = None) -> None:
         self.start_redis()
         # Both engines load while the rest starts; they are the slow part (vLLM start-up).
-        embed = self.start_inference("embed", embed_model)
-        generate = self.start_inference("generate", generator_model)
+        engines = [self.start_inference(kind, model) for kind, model in (("embed", embed_model),
+                                                                          ("generate", generator_model))
+                   if kind not in self.config.inference_ports and model is not None]
         self.start_frontier_sim()
         self.start_api()
-        embed.wait_ready()
-        generate.wait_ready()
+        for engine in engines:
+            engine.wait_ready()
         self.start_worker(k.POOL_SMALL)
         self.start_worker(k.POOL_FRONTIER)
 

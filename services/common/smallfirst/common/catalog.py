@@ -124,7 +124,7 @@ class StructuredOutputMode(StrEnum):
 class FrontierBinding(_Strict):
     model: str
     max_tokens: int = Field(default=1024, gt=0)
-    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    # No temperature: the Messages API of the SDK in use (anthropic 2.12) takes none.
     structured_output: StructuredOutputMode = StructuredOutputMode.AUTO
     # How often a frontier answer that fails validation is asked again before the job fails.
     max_validation_retries: int = Field(default=1, ge=0, le=5)

@@ -109,9 +109,18 @@ def embedding_cache_key(model: str, text_sha256: str) -> str:
     return f"{KEY_PREFIX}emb:{model}:{text_sha256}"
 
 
+# The dimensions of a frontier model's shared rate limit, each its own rate_limit_key.
+RATE_LIMIT_DIMENSIONS: Final = ("requests", "input_tokens", "output_tokens")
+
+
 def rate_limit_key(model: str, dimension: str) -> str:
     """Shared limiter state of one frontier model and one dimension (requests, input/output tokens)."""
     return f"{KEY_PREFIX}ratelimit:{model}:{dimension}"
+
+
+def rate_limit_total_key(model: str, dimension: str) -> str:
+    """Running total of what `rate_limit_key(model, dimension)` holds, so a check is not a full scan."""
+    return f"{KEY_PREFIX}ratelimit:{model}:{dimension}:total"
 
 
 def webhook_delivery_key(job_id: str) -> str:
@@ -124,6 +133,10 @@ HEADER_RETRY_AFTER: Final = "Retry-After"
 HEADER_WEBHOOK_ID: Final = "webhook-id"
 HEADER_WEBHOOK_TIMESTAMP: Final = "webhook-timestamp"
 HEADER_WEBHOOK_SIGNATURE: Final = "webhook-signature"
+# Set on every response of the development Messages-API simulator, so nothing mistakes it for the API.
+HEADER_FRONTIER_SIMULATOR: Final = "x-smallfirst-simulator"
+# Per-request fault injection at the simulator (tests): "429;retry_after_s=0.5", "529", "drop", ...
+HEADER_SIM_FAULT: Final = "x-sim-fault"
 
 # ---- Span attributes (OpenTelemetry semantic conventions first, ours under smallfirst.*) --------
 ATTR_JOB_ID: Final = "smallfirst.job.id"
@@ -143,6 +156,37 @@ ATTR_GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
 ATTR_GEN_AI_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 ATTR_GEN_AI_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 ATTR_GEN_AI_FINISH_REASON: Final = "gen_ai.response.finish_reasons"
+ATTR_JOB_STATUS: Final = "smallfirst.job.status"
+ATTR_JOB_PRIORITY: Final = "smallfirst.job.priority"
+ATTR_ATTEMPT_OUTCOME: Final = "smallfirst.attempt.outcome"
+ATTR_CONFIDENCE: Final = "smallfirst.answer.confidence"
+ATTR_QUEUE_WAIT_S: Final = "smallfirst.queue.wait_s"
+ATTR_ESTIMATED_FRONTIER_COST_USD: Final = "smallfirst.cost.estimated_frontier_usd"
+ATTR_RATELIMIT_WAIT_S: Final = "smallfirst.frontier.ratelimit_wait_s"
+ATTR_PROVIDER_RETRIES: Final = "smallfirst.frontier.retries"
+ATTR_ERROR_CODE: Final = "smallfirst.error.code"
+# Current GenAI semantic conventions name the provider here; gen_ai.system is its deprecated form.
+ATTR_GEN_AI_PROVIDER: Final = "gen_ai.provider.name"
+ATTR_GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+ATTR_GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+ATTR_GEN_AI_CACHE_READ_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+ATTR_GEN_AI_CACHE_CREATION_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+ATTR_ERROR_TYPE: Final = "error.type"
+GEN_AI_PROVIDER_ANTHROPIC: Final = "anthropic"
+GEN_AI_PROVIDER_SMALLFIRST: Final = "smallfirst"  # the self-hosted inference service (vLLM)
+GEN_AI_OPERATION_CHAT: Final = "chat"
+GEN_AI_OPERATION_EMBEDDINGS: Final = "embeddings"
+
+# ---- Span names of our own spans (instrumentations name theirs) --------------------------------
+SPAN_JOB_SUBMIT: Final = "smallfirst.job.submit"
+SPAN_JOB_ATTEMPT: Final = "smallfirst.job.attempt"
+SPAN_VALIDATE: Final = "smallfirst.validate"
+SPAN_RATELIMIT_WAIT: Final = "smallfirst.frontier.ratelimit_wait"
+
+# ---- Log record fields (structured JSON logs) -------------------------------------------------
+LOG_FIELD_TRACE_ID: Final = "trace_id"
+LOG_FIELD_SPAN_ID: Final = "span_id"
+LOG_FIELD_JOB_ID: Final = "job_id"
 
 # ---- Service names and default ports ----------------------------------------------------------
 SERVICE_API: Final = "smallfirst-api"
@@ -162,3 +206,12 @@ DEFAULT_METRICS_PORT_INFERENCE: Final = 9103
 WEBHOOK_OUTBOX_KEY: Final = f"{KEY_PREFIX}webhooks:outbox"
 # Held by the one worker that runs the sweeper at a time.
 SWEEPER_LOCK_KEY: Final = f"{KEY_PREFIX}sweeper:lock"
+
+# ---- gRPC between the small workers and the inference service ---------------------------------
+INFERENCE_GRPC_SERVICE: Final = "smallfirst.inference.v1.InferenceService"
+# Clients ping a connection every GRPC_KEEPALIVE_TIME_MS (also while idle, so a dead peer behind a
+# NAT or a killed pod is noticed); the server must accept pings at least that often or it answers
+# GOAWAY too_many_pings, hence its minimum interval is below the clients' ping time.
+GRPC_KEEPALIVE_TIME_MS: Final = 30_000
+GRPC_KEEPALIVE_TIMEOUT_MS: Final = 10_000
+GRPC_SERVER_MIN_PING_INTERVAL_MS: Final = 10_000

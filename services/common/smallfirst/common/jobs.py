@@ -117,6 +117,13 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):013x}{secrets.token_hex(8)}"
 
 
+def new_job_ids(count: int) -> list[str]:
+    """`count` ids like new_job_id's, from one draw of randomness (each draw is a system call)."""
+    prefix = f"job_{int(time.time() * 1000):013x}"
+    suffixes = secrets.token_hex(8 * count)
+    return [prefix + suffixes[16 * i:16 * (i + 1)] for i in range(count)]
+
+
 class Job(BaseModel):
     model_config = ConfigDict(use_enum_values=False)
 

@@ -36,5 +36,10 @@ class CoreSettings(BaseSettings):
     sweep_stale_after_s: int = Field(default=15 * 60, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
 
+    # Operator switch: callbacks to loopback and private networks (refused by default, see webhooks.py).
+    allow_private_callbacks: bool = False
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, gt=0)
+
     log_json: bool = True
     log_level: str = "INFO"

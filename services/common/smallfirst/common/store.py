@@ -30,6 +30,15 @@ Transition = Callable[[Job], Job]
 WEBHOOK_OUTBOX_KEY = k.WEBHOOK_OUTBOX_KEY
 
 
+# KEYS: job keys; ARGV[1]: retention in s, ARGV[2..]: the records, in the order of KEYS.
+_SET_MANY_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
+
+
 class JobNotFound(LookupError):
     """No job with that id (or it expired after its retention period)."""
 
@@ -172,6 +181,43 @@ class AsyncJobStore:
     async def create(self, job: Job) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             _write_effects(pipe, None, job, self.retention_s, self.stale_after_s)
+            await pipe.execute()
+
+    async def create_many(self, jobs: Sequence[Job]) -> None:
+        """Store new jobs in one transaction: all of them or none (an API batch).
+
+        The same writes as `create` for each job, except that they are merged: one script sets
+        every record, one command per index and counter (a handful of commands for 1000 jobs,
+        instead of ~7000 that each cost a reply to parse).
+        """
+        if not jobs:
+            return
+        if any(job.status.terminal for job in jobs):
+            raise ValueError("create_many stores new, unfinished jobs only")
+        keys: list[str] = []
+        records: list[str] = []
+        index: dict[str, dict[str | bytes, bytes | float | int | str]] = {}
+        counters: dict[tuple[str, str], dict[str, int]] = {}
+        active: dict[str | bytes, bytes | float | int | str] = {}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for job in jobs:
+                job.version = 1
+                keys.append(k.job_key(job.id))
+                records.append(job.model_dump_json())
+                index.setdefault(job.tenant, {})[job.id] = int(job.created_at * 1000)
+                fields = counters.setdefault((job.tenant, job.task), {})
+                for field in ("jobs_submitted", f"routed:{job.route.tier.value}"):
+                    fields[field] = fields.get(field, 0) + 1
+                active[job.id] = progress_deadline(job, self.stale_after_s)
+            pipe.eval(_SET_MANY_SCRIPT, len(keys), *keys, self.retention_s, *records)
+            for tenant, members in index.items():
+                pipe.zadd(k.tenant_jobs_key(tenant), members)
+                pipe.expire(k.tenant_jobs_key(tenant), self.retention_s)
+            for (tenant, task), fields in counters.items():
+                for field, amount in fields.items():
+                    pipe.hincrby(k.stats_key(tenant, task), field, amount)
+                pipe.sadd(k.stats_index_key(tenant), task)
+            pipe.zadd(k.ACTIVE_JOBS_KEY, active)
             await pipe.execute()
 
     async def get(self, job_id: str) -> Job:

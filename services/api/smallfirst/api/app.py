@@ -1,0 +1,349 @@
+"""The ingest API: `create_app(settings)` builds the FastAPI app; its lifespan opens every resource.
+
+Routes are thin: they authenticate, parse, and delegate to the `JobService` built once in the
+lifespan. Errors of every kind leave in one shape (see errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+
+from smallfirst.api.auth import Authenticator
+from smallfirst.api.commit import GroupCommitter
+from smallfirst.api.errors import ApiError, error_body, install_error_handlers, json_bytes, json_response
+from smallfirst.api.events import JobEventHub
+from smallfirst.api.idempotency import REPLAYED_HEADER, IdempotencyStore, StoredResponse, fingerprint
+from smallfirst.api.limits import BodySizeLimit
+from smallfirst.api.metrics import ApiMetrics
+from smallfirst.api.models import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    Health,
+    JobList,
+    JobRequest,
+    JobResource,
+    StatsResponse,
+    TaskList,
+)
+from smallfirst.api.publishing import PublishPump
+from smallfirst.api.quota import QuotaLimiter
+from smallfirst.api.service import JobService, ListQuery
+from smallfirst.api.settings import ApiSettings
+from smallfirst.api.stats import StatsReader
+from smallfirst.common import constants as k
+from smallfirst.common.catalog import Catalog, CatalogError, load_catalog
+from smallfirst.common.jobs import JobStatus, Tier
+from smallfirst.common.queues import Publisher, make_celery
+from smallfirst.common.store import AsyncJobStore
+from smallfirst.common.tenants import AsyncTenantRegistry, Tenant
+
+log = logging.getLogger(__name__)
+
+BATCH_PATH = "/v1/jobs/batch"
+_READY_PING_TIMEOUT_S = 2.0
+
+DESCRIPTION = """
+Submit LLM jobs; smallfirst runs each on the smallest model that gets it done: a self-hosted small
+model first, the frontier model when the small answer fails validation or the job needs it.
+
+Authenticate with `Authorization: Bearer <API key>`. Every error has the shape
+`{"error": {"code", "message", "details"}}`. POST requests accept an `Idempotency-Key` header:
+a repeat returns the first response (with `Idempotent-Replayed: true`).
+"""
+
+
+SECURITY_SCHEME = "ApiKey"
+# Declared per route rather than through a FastAPI security dependency: one dependency level less
+# on every request is a measurable share of a submission's cost (see bench/ingest.py).
+AUTHENTICATED: dict[str, Any] = {"security": [{SECURITY_SCHEME: []}]}
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _authenticated(*statuses: int) -> dict[str, Any]:
+    """Route options of an endpoint that needs an API key and may also answer `statuses`."""
+    return {"responses": _error_responses(401, *statuses), "openapi_extra": AUTHENTICATED}
+
+
+@dataclass
+class Runtime:
+    """Everything the routes use, built once by the lifespan."""
+
+    settings: ApiSettings
+    catalog: Catalog
+    redis: aioredis.Redis
+    service: JobService
+    auth: Authenticator
+    idempotency: IdempotencyStore
+    hub: JobEventHub
+    pump: PublishPump
+    metrics: ApiMetrics
+
+
+def runtime(request: Request) -> Runtime:
+    state: Runtime = request.app.state.runtime
+    return state
+
+
+async def current_tenant(request: Request) -> Tenant:
+    return await runtime(request).auth.authenticate(request.headers.get("authorization"))
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+IdempotencyKey = Annotated[str | None, Header(
+    alias=k.HEADER_IDEMPOTENCY_KEY,
+    description="Makes the request safe to retry: a repeat with the same key returns the first response.")]
+
+
+def _send(stored: StoredResponse) -> Response:
+    headers = {REPLAYED_HEADER: "true"} if stored.replayed else {}
+    return Response(content=stored.body, status_code=stored.status, media_type="application/json", headers=headers)
+
+
+async def _idempotent(request: Request, tenant: Tenant, key: str | None, payload: Any,
+                      handle: Callable[[], Awaitable[StoredResponse]]) -> Response:
+    rt = runtime(request)
+    request_fingerprint = fingerprint(request.method, request.url.path, payload)
+    return _send(await rt.idempotency.run(tenant.id, key, request_fingerprint, handle))
+
+
+router = APIRouter()
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobResource, tags=["jobs"],
+             summary="Submit a job", **_authenticated(409, 413, 422, 429, 503))
+async def submit_job(request: Request, body: JobRequest, tenant: TenantDep,
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    """Accept a job and queue it on the tier the routing policy picks. Answers 202 with the job
+    resource at once; follow it with `GET /v1/jobs/{id}?wait=60`."""
+    service = runtime(request).service
+
+    async def handle() -> StoredResponse:
+        job = await service.submit(tenant, body)
+        return StoredResponse(202, json_bytes(job.public()))
+
+    return await _idempotent(request, tenant, idempotency_key, body.model_dump(mode="json"), handle)
+
+
+@router.post(BATCH_PATH, status_code=202, response_model=BatchResponse, tags=["jobs"],
+             summary="Submit many jobs", **_authenticated(409, 413, 422, 429, 503))
+async def submit_batch(request: Request, body: BatchRequest, tenant: TenantDep,
+                       idempotency_key: IdempotencyKey = None) -> Response:
+    """Submit up to `max_batch_jobs` jobs. Each item gets its own result (202 with the job, or an
+    error); with `all_or_nothing` one bad item rejects the batch and nothing is stored. A batch
+    counts its jobs against the quota; items beyond it get 429."""
+    service = runtime(request).service
+
+    async def handle() -> StoredResponse:
+        outcome = await service.submit_batch(tenant, body)
+        data = {"object": "batch", "accepted": outcome.accepted, "rejected": len(outcome.results) - outcome.accepted,
+                "results": outcome.results}
+        return StoredResponse(202, json_bytes(data))
+
+    return await _idempotent(request, tenant, idempotency_key, body.model_dump(mode="json"), handle)
+
+
+@router.get("/v1/jobs", response_model=JobList, tags=["jobs"], summary="List jobs",
+            **_authenticated(422))
+async def list_jobs(
+    request: Request,
+    tenant: TenantDep,
+    limit: Annotated[int | None, Query(ge=1, description="Page size (default 20, at most list_max_limit).")] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
+    task: Annotated[str | None, Query(max_length=64)] = None,
+    tier: Annotated[Tier | None, Query(description="The tier the job is on, or ended on.")] = None,
+    created_after: Annotated[datetime | None, Query(description="Created at or after (ISO 8601 or Unix s).")] = None,
+    created_before: Annotated[datetime | None, Query(description="Created before (ISO 8601 or Unix s).")] = None,
+) -> Response:
+    """The tenant's jobs, newest first, with cursor pagination."""
+    rt = runtime(request)
+    page_size = limit or rt.settings.list_default_limit
+    if page_size > rt.settings.list_max_limit:
+        raise ApiError(422, "invalid_request", f"limit must be at most {rt.settings.list_max_limit}",
+                       [{"field": "query.limit", "message": f"at most {rt.settings.list_max_limit}",
+                         "type": "less_than_equal"}])
+    page = await rt.service.list(tenant, ListQuery(limit=page_size, cursor=cursor, status=status, task=task,
+                                                   tier=tier, created_after=created_after,
+                                                   created_before=created_before))
+    return json_response(200, {"object": "list", "data": [job.public() for job in page.jobs],
+                                "has_more": page.has_more, "next_cursor": page.next_cursor})
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobResource, tags=["jobs"], summary="Get a job (long-poll)",
+            **_authenticated(404, 422))
+async def get_job(
+    request: Request,
+    tenant: TenantDep,
+    job_id: Annotated[str, Path(max_length=128)],
+    wait: Annotated[float, Query(ge=0, le=60, description="Seconds to wait for the job to end (long-poll).")] = 0,
+) -> Response:
+    """The job. With `wait`, answers as soon as the job ends, or after `wait` seconds with its
+    current state."""
+    job = await runtime(request).service.get(tenant, job_id, wait)
+    return json_response(200, job.public())
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobResource, tags=["jobs"], summary="Cancel a job",
+             **_authenticated(404, 409))
+async def cancel_job(request: Request, tenant: TenantDep, job_id: Annotated[str, Path(max_length=128)],
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    """Cancel a job that has not ended; 409 `job_already_ended` (with the job) if it has."""
+    service = runtime(request).service
+
+    async def handle() -> StoredResponse:
+        job = await service.cancel(tenant, job_id)
+        return StoredResponse(200, json_bytes(job.public()))
+
+    return await _idempotent(request, tenant, idempotency_key, {"job_id": job_id}, handle)
+
+
+@router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="List the task catalog",
+            **_authenticated())
+async def list_tasks(request: Request, _tenant: TenantDep) -> Response:
+    tasks = runtime(request).service.tasks()
+    return json_response(200, {"object": "list", "data": [task.public() for task in tasks]})
+
+
+@router.get("/v1/tasks/{name}", tags=["tasks"], summary="Get a task", **_authenticated(404))
+async def get_task(request: Request, _tenant: TenantDep, name: str) -> Response:
+    return json_response(200, runtime(request).service.task(name).public())
+
+
+@router.get("/v1/stats", response_model=StatsResponse, tags=["stats"], summary="Usage, escalations, cost, savings",
+            **_authenticated(404))
+async def get_stats(request: Request, tenant: TenantDep,
+                    task: Annotated[str | None, Query(description="Only this task.")] = None) -> Response:
+    """The calling tenant's figures per task and in total: jobs by status and tier, escalation rate
+    and reasons, cost per tier, and what the small tier saved against the frontier tier."""
+    stats = await runtime(request).service.stats(tenant, task)
+    return json_response(200, stats.model_dump(mode="json"))
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+async def healthz() -> Response:
+    """The process is up (no I/O)."""
+    return json_response(200, {"status": "ok", "checks": {}})
+
+
+@router.get("/readyz", response_model=Health, tags=["operations"], summary="Readiness",
+            responses=_error_responses(503))
+async def readyz(request: Request) -> Response:
+    """Redis answers, the catalog is loaded, the event subscription and the publisher run."""
+    rt = runtime(request)
+    checks: dict[str, Any] = {"catalog": {"ok": True, "tasks": len(rt.catalog)}}
+    try:
+        await asyncio.wait_for(rt.redis.ping(), _READY_PING_TIMEOUT_S)
+        checks["redis"] = {"ok": True}
+    except (redis.RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+    checks["job_events"] = {"ok": rt.hub.subscribed}
+    checks["publisher"] = {"ok": rt.pump.alive}
+    if all(check["ok"] for check in checks.values()):
+        return json_response(200, {"status": "ok", "checks": checks})
+    failing = sorted(name for name, check in checks.items() if not check["ok"])
+    return json_response(503, error_body("not_ready", f"not ready: {', '.join(failing)}", {"checks": checks}))
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    rt = runtime(request)
+    return Response(content=rt.metrics.render(), media_type=rt.metrics.content_type)
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            catalog = load_catalog(settings.catalog_path)
+        except CatalogError as exc:
+            log.error("cannot start: the task catalog is invalid: %s", exc)
+            raise
+        client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                         health_check_interval=30)
+        # Its own connection pool: the subscription holds a connection for as long as the process runs.
+        events_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
+        celery_app = make_celery(settings)
+        pump = PublishPump(Publisher(celery_app), settings.publish_batch_max)
+        hub = JobEventHub(events_client)
+        metrics = ApiMetrics()
+        store = AsyncJobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
+        committer = GroupCommitter(store, settings.commit_group_max_jobs)
+        service = JobService(settings=settings, catalog=catalog, redis=client, store=store, committer=committer,
+                             pump=pump,
+                             quota=QuotaLimiter(client, settings.default_quota_jobs_per_minute), hub=hub,
+                             stats=StatsReader(client), metrics=metrics)
+        app.state.runtime = Runtime(
+            settings=settings, catalog=catalog, redis=client, service=service,
+            auth=Authenticator(AsyncTenantRegistry(client), settings.tenant_cache_ttl_s),
+            idempotency=IdempotencyStore(client, ttl_s=settings.idempotency_ttl_s,
+                                         in_flight_ttl_s=settings.idempotency_in_flight_ttl_s),
+            hub=hub, pump=pump, metrics=metrics)
+        pump.start()
+        await hub.start()
+        log.info("smallfirst api ready: %d tasks from %s", len(catalog), settings.catalog_path)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await pump.stop()
+            celery_app.close()
+            await events_client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
+            await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
+
+    app = FastAPI(title="smallfirst", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description,
+                                   routes=app.routes)
+            components = document.setdefault("components", {})
+            components["securitySchemes"] = {SECURITY_SCHEME: {
+                "type": "http", "scheme": "bearer", "description": "A tenant's API key (sf_live_...)."}}
+            _document_one_error_shape(document)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    install_error_handlers(app)
+    app.include_router(router)
+
+    def limit_for_path(path: str) -> int:
+        return settings.max_batch_body_bytes if path == BATCH_PATH else settings.max_body_bytes
+
+    app.add_middleware(BodySizeLimit, limit_for_path=limit_for_path)
+    return app
+
+
+def _document_one_error_shape(document: dict[str, Any]) -> None:
+    """FastAPI documents its validation errors with a schema of its own; ours go out as ErrorResponse."""
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            invalid = operation.get("responses", {}).get("422")
+            if invalid is not None:
+                invalid["content"] = {"application/json": {"schema": error_ref}}
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` (several worker processes each build their own app)."""
+    return create_app(ApiSettings())

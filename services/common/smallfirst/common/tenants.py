@@ -1,0 +1,225 @@
+"""Tenants and their API keys.
+
+A tenant is stored as JSON in the hash `TENANTS_KEY`. An API key is shown once, when it is issued,
+and stored only as its SHA-256 under `api_key_key(sha256)`, which maps it to the tenant id: a copy
+of the database does not give anyone a usable key. The webhook secret is kept as is, because the
+delivery task needs it to sign callbacks.
+
+`TenantRegistry` (blocking client) serves the CLI, the dev stack and the workers;
+`AsyncTenantRegistry` serves the API, which only looks tenants up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field, ValidationError
+
+from smallfirst.common import constants as k
+from smallfirst.common.webhooks import generate_secret
+
+API_KEY_PREFIX = "sf_live_"
+TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+
+# One round trip: the key's hash to the tenant id, then the tenant's record.
+_LOOKUP_SCRIPT = """
+local tenant_id = redis.call('GET', KEYS[1])
+if not tenant_id then return false end
+return redis.call('HGET', KEYS[2], tenant_id)
+"""
+
+
+class TenantError(ValueError):
+    """A tenant operation was refused; the message says why."""
+
+
+class TenantExists(TenantError):
+    pass
+
+
+class TenantNotFound(TenantError, LookupError):
+    pass
+
+
+class Tenant(BaseModel):
+    id: str
+    name: str
+    # SHA-256 (hex) of each API key that is valid for this tenant; several during a key rotation.
+    api_key_hashes: list[str] = Field(default_factory=list)
+    # Standard Webhooks secret (`whsec_<base64>`) with which callbacks to this tenant are signed.
+    webhook_secret: str
+    # Every job of this tenant stays on the self-hosted tier.
+    local_only: bool = False
+    # None: the API's default quota applies.
+    quota_jobs_per_minute: int | None = Field(default=None, gt=0)
+    # Lets this tenant's callbacks reach private addresses (a tenant inside the operator's network).
+    allow_private_callbacks: bool = False
+    created_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        """What an operator may see: everything but the key hashes."""
+        return self.model_dump(mode="json", exclude={"api_key_hashes"})
+
+
+@dataclass(frozen=True)
+class IssuedTenant:
+    """A tenant just created, with the only copy of its plaintext API key."""
+
+    tenant: Tenant
+    api_key: str
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_tenant_id() -> str:
+    return f"ten_{secrets.token_hex(6)}"
+
+
+def _decode(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _parse(raw: bytes | str) -> Tenant:
+    try:
+        return Tenant.model_validate_json(raw)
+    except ValidationError as exc:
+        raise TenantError(f"stored tenant record does not parse: {exc}") from exc
+
+
+class TenantRegistry:
+    """Create tenants, issue and revoke their keys, look them up (blocking Redis client)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, name: str, *, tenant_id: str | None = None, local_only: bool = False,
+               quota_jobs_per_minute: int | None = None, allow_private_callbacks: bool = False) -> IssuedTenant:
+        """Create a tenant and its first API key; the plaintext key is returned here and never again."""
+        if not name.strip():
+            raise TenantError("a tenant needs a non-empty name")
+        tenant_id = tenant_id or new_tenant_id()
+        if not TENANT_ID_PATTERN.match(tenant_id):
+            raise TenantError(f"tenant id {tenant_id!r} must match {TENANT_ID_PATTERN.pattern}")
+        if quota_jobs_per_minute is not None and quota_jobs_per_minute <= 0:
+            raise TenantError("quota_jobs_per_minute must be positive")
+        api_key = new_api_key()
+        tenant = Tenant(id=tenant_id, name=name, api_key_hashes=[hash_api_key(api_key)],
+                        webhook_secret=generate_secret(), local_only=local_only,
+                        quota_jobs_per_minute=quota_jobs_per_minute,
+                        allow_private_callbacks=allow_private_callbacks, created_at=time.time())
+        if not self.redis.hsetnx(k.TENANTS_KEY, tenant.id, tenant.model_dump_json()):
+            raise TenantExists(f"tenant {tenant_id!r} already exists")
+        self.redis.set(k.api_key_key(tenant.api_key_hashes[0]), tenant.id)
+        return IssuedTenant(tenant=tenant, api_key=api_key)
+
+    def get(self, tenant_id: str) -> Tenant:
+        raw = self.redis.hget(k.TENANTS_KEY, tenant_id)
+        if raw is None:
+            raise TenantNotFound(f"no tenant {tenant_id!r}")
+        return _parse(raw)
+
+    def all(self) -> list[Tenant]:
+        raws: dict[Any, Any] = self.redis.hgetall(k.TENANTS_KEY)
+        return sorted((_parse(raw) for raw in raws.values()), key=lambda t: t.created_at)
+
+    def lookup(self, api_key: str) -> Tenant | None:
+        tenant_id = self.redis.get(k.api_key_key(hash_api_key(api_key)))
+        if tenant_id is None:
+            return None
+        try:
+            tenant = self.get(_decode(tenant_id))
+        except TenantNotFound:
+            return None
+        # Revoking updates the record before it deletes the key's mapping: the record decides.
+        return tenant if hash_api_key(api_key) in tenant.api_key_hashes else None
+
+    def add_key(self, tenant_id: str) -> str:
+        """Issue one more key (the old ones stay valid): the first half of a rotation."""
+        api_key = new_api_key()
+        digest = hash_api_key(api_key)
+        self._update(tenant_id, lambda t: t.api_key_hashes.append(digest))
+        self.redis.set(k.api_key_key(digest), tenant_id)
+        return api_key
+
+    def revoke_key(self, tenant_id: str, api_key: str) -> None:
+        digest = hash_api_key(api_key)
+        self._revoke_hashes(tenant_id, [digest])
+
+    def rotate_key(self, tenant_id: str) -> str:
+        """Issue a new key and revoke every other key of the tenant at once."""
+        old = list(self.get(tenant_id).api_key_hashes)
+        api_key = self.add_key(tenant_id)
+        self._revoke_hashes(tenant_id, old)
+        return api_key
+
+    def update(self, tenant_id: str, *, local_only: bool | None = None, quota_jobs_per_minute: int | None = None,
+               allow_private_callbacks: bool | None = None) -> Tenant:
+        def change(tenant: Tenant) -> None:
+            if local_only is not None:
+                tenant.local_only = local_only
+            if quota_jobs_per_minute is not None:
+                tenant.quota_jobs_per_minute = quota_jobs_per_minute
+            if allow_private_callbacks is not None:
+                tenant.allow_private_callbacks = allow_private_callbacks
+
+        return self._update(tenant_id, change)
+
+    def _revoke_hashes(self, tenant_id: str, digests: list[str]) -> None:
+        revoked = set(digests)
+        self._update(tenant_id, lambda t: setattr(t, "api_key_hashes", [h for h in t.api_key_hashes
+                                                                         if h not in revoked]))
+        for digest in revoked:
+            self.redis.delete(k.api_key_key(digest))
+
+    def _update(self, tenant_id: str, change: Any) -> Tenant:
+        # Compare-and-set on the tenants hash, so two operators rotating keys do not lose a write.
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(k.TENANTS_KEY)
+                    raw: Any = pipe.hget(k.TENANTS_KEY, tenant_id)
+                    if raw is None:
+                        raise TenantNotFound(f"no tenant {tenant_id!r}")
+                    tenant = _parse(raw)
+                    change(tenant)
+                    pipe.multi()
+                    pipe.hset(k.TENANTS_KEY, tenant_id, tenant.model_dump_json())
+                    pipe.execute()
+                    return tenant
+                except redis.WatchError:
+                    continue
+
+
+class AsyncTenantRegistry:
+    """Tenant look-ups for the API (asyncio Redis client), one round trip per look-up."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._lookup = client.register_script(_LOOKUP_SCRIPT)
+
+    async def lookup(self, api_key: str) -> Tenant | None:
+        raw = await self._lookup(keys=[k.api_key_key(hash_api_key(api_key)), k.TENANTS_KEY])
+        if raw is None:
+            return None
+        tenant = _parse(raw)
+        # Revoking updates the record before it deletes the key's mapping: the record decides.
+        return tenant if hash_api_key(api_key) in tenant.api_key_hashes else None
+
+    async def get(self, tenant_id: str) -> Tenant:
+        raw = await self.redis.hget(k.TENANTS_KEY, tenant_id)
+        if raw is None:
+            raise TenantNotFound(f"no tenant {tenant_id!r}")
+        return _parse(raw)

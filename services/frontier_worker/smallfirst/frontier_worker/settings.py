@@ -1,0 +1,65 @@
+"""Settings of the frontier worker pool (env prefix SMALLFIRST_)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+
+from smallfirst.common.constants import DEFAULT_FRONTIER_SIM_PORT
+from smallfirst.common.settings import CoreSettings
+from smallfirst.frontier_worker.client import build_executor
+from smallfirst.frontier_worker.ratelimit import RateLimit
+
+__all__ = ["FrontierEndpoint", "FrontierWorkerSettings", "build_executor"]
+
+SIMULATOR_API_KEY = "sk-smallfirst-simulator"
+
+
+@dataclass(frozen=True)
+class FrontierEndpoint:
+    base_url: str | None  # None: the SDK's default, the real API
+    api_key: str
+    # True when calls go to the development simulator because no API key is configured.
+    simulated: bool
+
+
+class FrontierWorkerSettings(CoreSettings):
+    # Without a key the pool talks to the development simulator at `frontier_sim_url`.
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SMALLFIRST_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"))
+    # Another Messages-API endpoint (a gateway, or the simulator with a key); None: Anthropic's.
+    frontier_base_url: str | None = None
+    frontier_sim_url: str = f"http://127.0.0.1:{DEFAULT_FRONTIER_SIM_PORT}"
+
+    # ---- Retries (the SDK's own are off, so each retry is counted once) -----------------------
+    # Provider calls per job attempt, the first included.
+    frontier_max_attempts: int = Field(default=6, ge=1, le=50)
+    # The most a job may spend sleeping between retries before it fails with frontier_unavailable.
+    frontier_retry_max_wait_s: float = Field(default=120.0, ge=0)
+    frontier_backoff_base_ms: int = Field(default=500, gt=0)
+    frontier_backoff_max_ms: int = Field(default=30_000, gt=0)
+
+    # ---- Shared rate limits, per model (JSON in the environment) -------------------------------
+    # e.g. SMALLFIRST_FRONTIER_RATE_LIMITS='{"claude-haiku-5-5": {"requests_per_min": 4000,
+    #      "input_tokens_per_min": 400000, "output_tokens_per_min": 80000}}'
+    frontier_rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    # For models without an entry of their own; None: those are not limited.
+    frontier_default_rate_limit: RateLimit | None = None
+    # Longest a call waits for the limiter before the job gives up (frontier_unavailable).
+    frontier_limiter_max_wait_s: float = Field(default=60.0, ge=0)
+
+    # Models known to lack native structured outputs (auto mode uses a forced tool for them; it also
+    # learns this from the API's refusal).
+    frontier_tool_only_models: tuple[str, ...] = ()
+
+    # Price table (USD per million tokens); None: the one embedded in smallfirst.common.
+    prices_path: Path | None = None
+
+    def endpoint(self) -> FrontierEndpoint:
+        if self.anthropic_api_key is None or not self.anthropic_api_key.get_secret_value():
+            return FrontierEndpoint(self.frontier_base_url or self.frontier_sim_url, SIMULATOR_API_KEY,
+                                    simulated=True)
+        return FrontierEndpoint(self.frontier_base_url, self.anthropic_api_key.get_secret_value(),
+                                simulated=False)

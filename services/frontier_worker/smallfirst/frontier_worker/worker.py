@@ -1,0 +1,93 @@
+"""The frontier worker pool: Celery tasks that run jobs routed to the frontier tier and every
+escalated job, through the Anthropic SDK; and the webhook deliveries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery
+from celery import Task as CeleryTask
+
+from smallfirst.common import constants as k
+from smallfirst.common.delivery import register_webhook_task
+from smallfirst.common.execution import AttemptContext, JobExecution
+from smallfirst.common.jobs import ErrorInfo, Tier
+from smallfirst.common.queues import make_celery
+from smallfirst.common.validation import validate
+from smallfirst.common.worker_app import (
+    RETRYABLE_ERRORS,
+    Lazy,
+    build_execution,
+    install_pool_runtime,
+    retry_countdown_s,
+)
+from smallfirst.frontier_worker.executor import EscalationContext, FrontierError, FrontierExecutor
+from smallfirst.frontier_worker.settings import FrontierWorkerSettings, build_executor
+
+log = logging.getLogger(__name__)
+
+
+def escalation_context(ctx: AttemptContext) -> EscalationContext | None:
+    small = [a for a in ctx.job.attempts if a.tier is Tier.SMALL and a.ended_at is not None]
+    if not small:
+        return None
+    return EscalationContext(small_answer=small[-1].answer, reasons=list(ctx.job.escalation_reasons))
+
+
+@dataclass
+class FrontierRuntime:
+    execution: JobExecution
+    executor: FrontierExecutor
+
+    def run(self, job_id: str, task_id: str) -> None:
+        ctx = self.execution.begin(job_id, Tier.FRONTIER, task_id)
+        if ctx is None:
+            return
+        escalation = escalation_context(ctx)
+        retries_left = ctx.task.frontier.max_validation_retries
+        while True:
+            try:
+                answer = self.executor.run(ctx.task, ctx.job.input, escalation)
+            except FrontierError as exc:
+                self.execution.fail(ctx, error=ErrorInfo(code=exc.code, message=str(exc)))
+                return
+            verdict = validate(ctx.task, answer.answer, None, ctx.job.input, tier=Tier.FRONTIER)
+            if verdict.passed:
+                self.execution.succeed(ctx, answer=answer.answer, confidence=None, usage=answer.usage,
+                                       cost_usd=answer.cost_usd, verdict=verdict)
+                return
+            if retries_left == 0:
+                self.execution.fail(
+                    ctx, error=ErrorInfo(code="validation_failed",
+                                         message="the frontier answer failed validation after every retry",
+                                         details={"reasons": verdict.reasons}),
+                    answer=answer.answer, usage=answer.usage, cost_usd=answer.cost_usd, billed=True, verdict=verdict)
+                return
+            retries_left -= 1
+            if self.execution.reject_and_retry(ctx, answer=answer.answer, confidence=None, usage=answer.usage,
+                                               cost_usd=answer.cost_usd, verdict=verdict) is None:
+                return  # cancelled while it ran: stop spending on it
+
+
+def make_worker_app(settings: FrontierWorkerSettings) -> Celery:
+    app = make_celery(settings)
+
+    def build() -> FrontierRuntime:
+        execution = build_execution(settings, app)
+        return FrontierRuntime(execution=execution, executor=build_executor(settings, execution.store.redis))
+
+    runtime: Lazy[FrontierRuntime] = Lazy(build)
+
+    @app.task(name=k.TASK_RUN_FRONTIER, bind=True)
+    def run_frontier(self: CeleryTask, job_id: str) -> None:
+        try:
+            runtime.get().run(job_id, self.request.id)
+        except RETRYABLE_ERRORS as exc:
+            log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
+            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
+
+    # This pool also consumes the webhooks queue (constants.POOL_QUEUES).
+    register_webhook_task(app, settings)
+    install_pool_runtime(app, settings, k.POOL_FRONTIER, Lazy(lambda: runtime.get().execution))
+    return app

@@ -1,0 +1,66 @@
+"""Settings of one inference server process (one model per process)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from smallfirst.common import constants
+
+
+class InferenceSettings(BaseSettings):
+    # protected_namespaces=(): the field names model_path / served_model_name are deliberate.
+    model_config = SettingsConfigDict(
+        env_prefix="SMALLFIRST_INFERENCE_", extra="ignore", frozen=True, protected_namespaces=()
+    )
+
+    # A local model folder (config, tokenizer, weights unless load_format is "dummy") or a Hugging
+    # Face model id, as vLLM accepts it.
+    model_path: str
+    # The name clients ask for; without it, the folder's name.
+    served_model_name: str | None = None
+    # "generate" serves Generate/GenerateStream, "pooling" serves Embed; "auto" lets vLLM decide
+    # from the model's architecture (BertModel: pooling, LlamaForCausalLM: generate).
+    runner: Literal["auto", "generate", "pooling"] = "auto"
+    # bfloat16 has native kernels on current CPUs (AVX512-BF16/AMX) and GPUs; float16, the default
+    # many configs name, is emulated on CPU and about 8x slower there.
+    dtype: str = "bfloat16"
+    # The context in tokens (prompt plus completion); without it, the model's own.
+    max_model_len: int | None = Field(default=None, gt=0)
+    # "dummy" fills the weights with random values (the tiny development model, GPU benchmarks).
+    load_format: str = "auto"
+    # Explicit KV-cache size; without it vLLM sizes the cache itself (gpu_memory_utilization on GPU).
+    kv_cache_space_gib: float | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # Sequences vLLM batches per step; without it, vLLM's default.
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    # Skips torch.compile: starts in half the time on CPU, for development and tests.
+    enforce_eager: bool = False
+    seed: int = 0
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=constants.DEFAULT_INFERENCE_PORT, ge=0, le=65535)
+    # Prometheus metrics; 0 disables them.
+    metrics_port: int = Field(default=constants.DEFAULT_METRICS_PORT_INFERENCE, ge=0, le=65535)
+
+    # Calls beyond this many at once are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_requests: int = Field(default=4096, gt=0)
+    # max_tokens of a Generate call that leaves it unset.
+    default_max_tokens: int = Field(default=256, gt=0)
+    max_embed_batch: int = Field(default=2048, gt=0)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # After SIGTERM: how long in-flight calls may take to finish before they are cancelled.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+    # How often the engine's liveness is checked; a dead engine makes the process exit non-zero.
+    engine_check_interval_s: float = Field(default=1.0, gt=0)
+    # OpenTelemetry spans for every call (the exporter is configured by the OTEL_* variables).
+    tracing_enabled: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model_path.rstrip("/").rsplit("/", 1)[-1]

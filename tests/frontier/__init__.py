@@ -1,0 +1,1 @@
+"""Frontier tier: the Messages-API simulator, the executor, shared rate limits and pricing."""

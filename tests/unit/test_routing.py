@@ -1,0 +1,97 @@
+"""The routing policy (a pure function): hints, local-only, context length, task defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from smallfirst.common.catalog import Task
+from smallfirst.common.jobs import RouteReason, Tier, TierHint
+from smallfirst.common.routing import CHARS_PER_TOKEN, RouteRequest, RoutingConflict, decide_route, is_local_only
+
+
+def make_task(default_tier: Tier = Tier.SMALL, local_only: bool = False, max_context_tokens: int = 512,
+              max_tokens: int = 112) -> Task:
+    spec: dict[str, Any] = {
+        "name": "summary",
+        "kind": "generate",
+        "routing": {"default_tier": default_tier.value, "local_only": local_only},
+        "small": {"model": "tiny", "max_context_tokens": max_context_tokens, "max_tokens": max_tokens},
+        "frontier": {"model": "claude-haiku-5-5"},
+    }
+    return Task.model_validate(spec)
+
+
+def test_auto_follows_the_task_default() -> None:
+    # when
+    small = decide_route(RouteRequest(task=make_task(Tier.SMALL), input_chars=100))
+    frontier = decide_route(RouteRequest(task=make_task(Tier.FRONTIER), input_chars=100))
+
+    # then
+    assert (small.tier, small.reason) == (Tier.SMALL, RouteReason.TASK_DEFAULT)
+    assert (frontier.tier, frontier.reason) == (Tier.FRONTIER, RouteReason.TASK_DEFAULT)
+
+
+@pytest.mark.parametrize(("hint", "tier"), [(TierHint.SMALL, Tier.SMALL), (TierHint.FRONTIER, Tier.FRONTIER)])
+def test_explicit_hint_is_honoured_over_the_task_default(hint: TierHint, tier: Tier) -> None:
+    # given: a task whose default is the other tier
+    task = make_task(Tier.FRONTIER if tier is Tier.SMALL else Tier.SMALL)
+
+    # when
+    decision = decide_route(RouteRequest(task=task, input_chars=100, tier_hint=hint))
+
+    # then
+    assert (decision.tier, decision.reason) == (tier, RouteReason.HINT)
+
+
+def test_small_hint_is_honoured_even_for_an_input_beyond_the_small_context() -> None:
+    # when
+    decision = decide_route(RouteRequest(task=make_task(), input_chars=100_000, tier_hint=TierHint.SMALL))
+
+    # then
+    assert decision.tier is Tier.SMALL
+
+
+@pytest.mark.parametrize("source", ["job", "tenant", "task"])
+def test_local_only_from_any_source_keeps_a_frontier_task_small(source: str) -> None:
+    # given
+    task = make_task(Tier.FRONTIER, local_only=source == "task")
+    request = RouteRequest(task=task, input_chars=100_000, job_local_only=source == "job",
+                           tenant_local_only=source == "tenant")
+
+    # when
+    decision = decide_route(request)
+
+    # then: not even a long input leaves the self-hosted tier
+    assert is_local_only(request)
+    assert (decision.tier, decision.reason) == (Tier.SMALL, RouteReason.LOCAL_ONLY)
+
+
+@pytest.mark.parametrize("source", ["job", "tenant", "task"])
+def test_frontier_hint_on_a_local_only_job_is_a_conflict(source: str) -> None:
+    # given
+    request = RouteRequest(task=make_task(local_only=source == "task"), input_chars=10,
+                           tier_hint=TierHint.FRONTIER, job_local_only=source == "job",
+                           tenant_local_only=source == "tenant")
+
+    # when / then
+    with pytest.raises(RoutingConflict) as info:
+        decide_route(request)
+    assert info.value.code == "local_only_conflict"
+
+
+def test_input_beyond_the_small_models_budget_goes_to_frontier() -> None:
+    # given: 512 tokens of context, 112 kept for the answer: 400 tokens of input fit
+    task = make_task(max_context_tokens=512, max_tokens=112)
+    fits = 400 * CHARS_PER_TOKEN
+    too_long = fits + 1
+
+    # when
+    fitting = decide_route(RouteRequest(task=task, input_chars=fits))
+    overflowing = decide_route(RouteRequest(task=task, input_chars=too_long))
+
+    # then
+    assert fitting.tier is Tier.SMALL
+    assert (overflowing.tier, overflowing.reason) == (Tier.FRONTIER, RouteReason.CONTEXT_LENGTH)
+    assert "401" in overflowing.detail

@@ -1,0 +1,144 @@
+"""Standard Webhooks signing and verification, and the callback URL policy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from smallfirst.common.webhooks import (
+    CallbackUrlRefused,
+    WebhookVerificationError,
+    check_callback_url,
+    generate_secret,
+    sign,
+    signature_headers,
+    verify,
+    verify_headers,
+)
+
+# The example of the Standard Webhooks specification (standard-webhooks/standard-webhooks, spec).
+SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+SPEC_TIMESTAMP = 1614265330
+SPEC_BODY = '{"test": 2432232314}'
+SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_signature_matches_the_specifications_example() -> None:
+    # when
+    signature = sign(SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY)
+
+    # then
+    assert signature == SPEC_SIGNATURE
+
+
+def test_signature_is_hmac_sha256_over_id_timestamp_and_body() -> None:
+    # given
+    secret = generate_secret()
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+
+    # when
+    signature = sign(secret, "msg_1", 1700000000, b'{"a":1}')
+
+    # then
+    expected = hmac.new(key, b'msg_1.1700000000.{"a":1}', hashlib.sha256).digest()
+    assert signature == "v1," + base64.b64encode(expected).decode()
+
+
+def test_verify_accepts_a_fresh_signed_message() -> None:
+    # given
+    secret = generate_secret()
+    headers = signature_headers(secret, "msg_2", b'{"status":"succeeded"}', timestamp=1_700_000_000)
+
+    # when / then: no exception
+    verify_headers(secret, headers, b'{"status":"succeeded"}', now=1_700_000_030)
+
+
+def test_verify_rejects_a_changed_body_a_wrong_secret_and_a_stale_timestamp() -> None:
+    # given
+    secret = generate_secret()
+    signature = sign(secret, "msg_3", 1_700_000_000, b"body")
+
+    # when / then
+    with pytest.raises(WebhookVerificationError, match="matches"):
+        verify(secret, "msg_3", 1_700_000_000, b"body!", signature, now=1_700_000_000)
+    with pytest.raises(WebhookVerificationError, match="matches"):
+        verify(generate_secret(), "msg_3", 1_700_000_000, b"body", signature, now=1_700_000_000)
+    with pytest.raises(WebhookVerificationError, match="tolerance"):
+        verify(secret, "msg_3", 1_700_000_000, b"body", signature, now=1_700_000_000 + 301)
+    with pytest.raises(WebhookVerificationError, match="tolerance"):
+        verify(secret, "msg_3", 1_700_000_000, b"body", signature, now=1_700_000_000 - 301)
+
+
+def test_any_of_several_signatures_may_match_during_a_secret_rotation() -> None:
+    # given: signed with the old and the new secret
+    old, new = generate_secret(), generate_secret()
+    headers = signature_headers([old, new], "msg_4", b"{}", timestamp=1_700_000_000)
+
+    # when / then: a receiver holding either secret accepts it
+    assert len(headers["webhook-signature"].split()) == 2
+    verify_headers(old, headers, b"{}", now=1_700_000_000)
+    verify_headers(new, headers, b"{}", now=1_700_000_000)
+
+
+def test_missing_header_is_reported_by_name() -> None:
+    with pytest.raises(WebhookVerificationError, match="webhook-signature"):
+        verify_headers(generate_secret(), {"webhook-id": "m", "webhook-timestamp": "1"}, b"")
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/hook",
+    "http://10.0.0.8/hook",
+    "http://192.168.1.20:8080/hook",
+    "http://172.16.5.4/hook",
+    "http://169.254.169.254/latest/meta-data",
+    "http://100.64.0.1/hook",
+    "http://0.0.0.0/hook",
+    "http://[::1]/hook",
+    "http://[fd00::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+])
+def test_private_loopback_and_link_local_targets_are_refused(url: str) -> None:
+    with pytest.raises(CallbackUrlRefused, match="non-public"):
+        check_callback_url(url, allow_private=False)
+
+
+def test_hostnames_are_resolved_and_judged_by_their_addresses() -> None:
+    # given: a name that resolves to a private address (DNS rebinding, internal names)
+    def resolver(host: str, port: int) -> list[str]:
+        return {"hooks.example.com": ["93.184.216.34"], "internal.example.com": ["93.184.216.34", "10.0.0.5"]}[host]
+
+    # when
+    addresses = check_callback_url("https://hooks.example.com/cb", allow_private=False, resolver=resolver)
+
+    # then
+    assert addresses == ["93.184.216.34"]
+    with pytest.raises(CallbackUrlRefused, match=r"10\.0\.0\.5"):
+        check_callback_url("https://internal.example.com/cb", allow_private=False, resolver=resolver)
+
+
+def test_unresolvable_host_is_refused() -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    with pytest.raises(CallbackUrlRefused, match="does not resolve"):
+        check_callback_url("https://nowhere.invalid/cb", allow_private=False, resolver=resolver)
+
+
+@pytest.mark.parametrize("url", ["ftp://93.184.216.34/x", "93.184.216.34/x", "http:///x",
+                                 "https://user:pw@93.184.216.34/x", "http://93.184.216.34:99999/x"])
+def test_malformed_urls_are_refused_even_when_private_targets_are_allowed(url: str) -> None:
+    with pytest.raises(CallbackUrlRefused):
+        check_callback_url(url, allow_private=True)
+
+
+def test_operator_may_allow_private_targets() -> None:
+    # when / then: no exception, nothing resolved
+    assert check_callback_url("http://127.0.0.1:9000/hook", allow_private=True) == []
+
+
+def test_public_address_literal_is_accepted_without_dns() -> None:
+    assert check_callback_url("https://93.184.216.34/hook", allow_private=False) == ["93.184.216.34"]
