@@ -1,11 +1,15 @@
 """Ingest throughput: jobs per second accepted through the API, single and batch, next to raw
-Celery `apply_async` from one process, all measured in the same run on the same Redis.
+Celery `apply_async` from one process, all measured in the same run on the same Redis; and the
+same API with tracing on, exporting every span to an OTLP receiver, against tracing off.
 
     .venv/bin/python bench/ingest.py [--jobs 3000] [--clients 32] [--api-workers 2] [--redis-url URL]
+                                     [--no-tracing | --trace-sample-ratio 0.1]
 
 Without --redis-url (or REDIS_URL) it starts its own redis-server (AOF on, as in production).
 The last line printed is one JSON object with the figures and the ratios (target: single submit
-at least 0.5x raw apply_async, batch at least 2x).
+at least 0.5x raw apply_async, batch at least 2x; `tracing_single_vs_off` and
+`tracing_batch_vs_off`: throughput with tracing on as a fraction of tracing off, the median over
+rounds of each round's traced phase against the untraced phase run just before it).
 
 What is measured:
 - raw_apply_async: one process calling `apply_async` on the small-tier task of the project's own
@@ -14,6 +18,13 @@ What is measured:
   a job counts once the API answered 202 (authenticated, validated, routed, stored with its
   index and stats, published to the broker).
 - api_batch: `--batch-clients` concurrent clients POSTing /v1/jobs/batch with `--batch-size` jobs.
+- api_single_traced / api_batch_traced: the same two phases against a second API process (same
+  settings) started with `OTEL_TRACES_EXPORTER=otlp`, every request sampled (or the share given by
+  `--trace-sample-ratio`), exporting over OTLP/HTTP with the SDK's default batch processor to a
+  receiver process (`python -m tests.support.otlp_receiver`, which decodes and counts what
+  arrives, as a collector would). Both API processes run for the whole bench and their phases are interleaved round by
+  round, so both see the same Redis and the same machine. The receiver shares the machine's cores:
+  its CPU is part of the cost measured, as for a collector agent on the same node.
 After each API phase the bench checks that every accepted job has its message in the queue.
 """
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +60,7 @@ from smallfirst.common.settings import CoreSettings
 from smallfirst.common.tenants import TenantRegistry
 
 JOB = {"task": "banking77_intent", "input": {"text": "I am still waiting on my card, when will it arrive?"}}
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -125,11 +139,50 @@ def measure_apply_async(redis_url: str, jobs: int) -> float:
     return jobs / elapsed
 
 
+@dataclass
+class Receiver:
+    """An OTLP receiver process; `stats` is filled in once it has stopped."""
+
+    http_endpoint: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def env(self, sample_ratio: float = 1.0) -> dict[str, str]:
+        # Only what selects the exporter (and the sampler): the batch processor keeps the SDK's defaults.
+        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+               "OTEL_EXPORTER_OTLP_ENDPOINT": self.http_endpoint}
+        if sample_ratio < 1.0:
+            env.update({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": str(sample_ratio)})
+        return env
+
+
 @contextmanager
-def api_process(redis_url: str, workers: int, logs: Path) -> Iterator[str]:
+def otlp_receiver_process() -> Iterator[Receiver]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.otlp_receiver"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if not first:
+        proc.wait()
+        raise RuntimeError("the OTLP receiver exited during start-up")
+    receiver = Receiver(http_endpoint=json.loads(first)["http_endpoint"])
+    try:
+        yield receiver
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        lines = rest.strip().splitlines()
+        if lines:
+            receiver.stats = json.loads(lines[-1])
+
+
+@contextmanager
+def api_process(redis_url: str, workers: int, logs: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "SMALLFIRST_REDIS_URL": redis_url, "SMALLFIRST_CATALOG_PATH": str(default_catalog_path()),
-           "SMALLFIRST_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    # Tracing only where extra_env asks for it, whatever this shell has set.
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+    env = {**inherited, "SMALLFIRST_REDIS_URL": redis_url, "SMALLFIRST_CATALOG_PATH": str(default_catalog_path()),
+           "SMALLFIRST_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     log = logs.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "smallfirst.cli", "api", "--host", "127.0.0.1", "--port",
                              str(port), "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -195,6 +248,14 @@ def run_phase(url: str, api_key: str, client: redis.Redis, *, clients: int, requ
             "queued_messages": queued, "all_accepted_queued": queued == accepted}
 
 
+def _warm_up(url: str, api_key: str, args: argparse.Namespace, batch_body: dict[str, Any]) -> int:
+    """Imports, connection pools, the catalog and tenant caches of every API worker; returns jobs accepted."""
+    _, single, _ = asyncio.run(_drive(url, api_key, args.clients, min(500, args.jobs), "/v1/jobs", JOB, 1))
+    _, batch, _ = asyncio.run(_drive(url, api_key, args.batch_clients, args.batch_clients, "/v1/jobs/batch",
+                                     batch_body, args.batch_size))
+    return single + batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
@@ -207,41 +268,72 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--rounds", type=int, default=3,
                         help="each figure is the median of this many rounds (raw, single and batch interleaved)")
+    parser.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure an API with tracing on, exporting to an OTLP receiver")
+    parser.add_argument("--trace-sample-ratio", type=float, default=1.0,
+                        help="share of requests the traced API samples (head sampling); 1: every request")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "smallfirst-bench-api.log")
     args = parser.parse_args()
 
     raw_rates: list[float] = []
     singles: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []
+    traced_singles: list[dict[str, Any]] = []
+    traced_batches: list[dict[str, Any]] = []
+    traced_jobs = 0
+    receiver: Receiver | None = None
     batch_body = {"jobs": [JOB] * args.batch_size}
     with redis_server(args.redis_url) as redis_url:
         client = redis.Redis.from_url(redis_url)
         client.flushdb()
         api_key = TenantRegistry(client).create("bench").api_key
-        with api_process(redis_url, args.api_workers, args.log) as url:
-            # Warm-up: imports, connection pools, the catalog and tenant caches of every worker.
-            asyncio.run(_drive(url, api_key, args.clients, min(500, args.jobs), "/v1/jobs", JOB, 1))
-            asyncio.run(_drive(url, api_key, args.batch_clients, args.batch_clients, "/v1/jobs/batch", batch_body,
-                               args.batch_size))
+        with contextlib.ExitStack() as running:
+            url = running.enter_context(api_process(redis_url, args.api_workers, args.log))
+            traced_url: str | None = None
+            if args.tracing:
+                receiver = running.enter_context(otlp_receiver_process())
+                # Entered last, so stopped first: it flushes its spans on exit, while the receiver still runs.
+                traced_url = running.enter_context(api_process(
+                    redis_url, args.api_workers, args.log.with_name(f"{args.log.stem}-traced{args.log.suffix}"),
+                    receiver.env(args.trace_sample_ratio)))
+            _warm_up(url, api_key, args, batch_body)
+            if traced_url is not None:
+                traced_jobs += _warm_up(traced_url, api_key, args, batch_body)
             for round_number in range(1, args.rounds + 1):
                 reset(client)
                 raw_rates.append(measure_apply_async(redis_url, args.jobs))
+                # Each traced phase right after its untraced twin, so that the pair sees about the same
+                # load from whatever else runs on the machine.
                 singles.append(run_phase(url, api_key, client, clients=args.clients, requests=args.jobs,
                                          path="/v1/jobs", body=JOB, jobs_per_request=1))
+                if traced_url is not None:
+                    traced_singles.append(run_phase(traced_url, api_key, client, clients=args.clients,
+                                                    requests=args.jobs, path="/v1/jobs", body=JOB,
+                                                    jobs_per_request=1))
                 batches.append(run_phase(url, api_key, client, clients=args.batch_clients,
                                          requests=args.batch_requests, path="/v1/jobs/batch", body=batch_body,
                                          jobs_per_request=args.batch_size))
-                print(f"round {round_number}: raw apply_async {raw_rates[-1]:7.0f} jobs/s | "
-                      f"POST /v1/jobs ({args.clients} clients) {singles[-1]['jobs_per_s']:7.0f} jobs/s | "
-                      f"POST /v1/jobs/batch ({args.batch_size}/request, {args.batch_clients} clients) "
-                      f"{batches[-1]['jobs_per_s']:7.0f} jobs/s", flush=True)
+                if traced_url is not None:
+                    traced_batches.append(run_phase(traced_url, api_key, client, clients=args.batch_clients,
+                                                    requests=args.batch_requests, path="/v1/jobs/batch",
+                                                    body=batch_body, jobs_per_request=args.batch_size))
+                line = (f"round {round_number}: raw apply_async {raw_rates[-1]:7.0f} jobs/s | "
+                        f"POST /v1/jobs ({args.clients} clients) {singles[-1]['jobs_per_s']:7.0f} jobs/s | "
+                        f"POST /v1/jobs/batch ({args.batch_size}/request, {args.batch_clients} clients) "
+                        f"{batches[-1]['jobs_per_s']:7.0f} jobs/s")
+                if traced_url is not None:
+                    traced_jobs += traced_singles[-1]["accepted"] + traced_batches[-1]["accepted"]
+                    line += (f" | traced: single {traced_singles[-1]['jobs_per_s']:7.0f} jobs/s, "
+                             f"batch {traced_batches[-1]['jobs_per_s']:7.0f} jobs/s")
+                print(line, flush=True)
         reset(client)
         client.close()
 
     raw = statistics.median(raw_rates)
     single = statistics.median(r["jobs_per_s"] for r in singles)
     batch = statistics.median(r["jobs_per_s"] for r in batches)
-    result = {
+    phases = [*singles, *batches, *traced_singles, *traced_batches]
+    result: dict[str, Any] = {
         "bench": "ingest",
         "cpu_count": os.cpu_count(),
         "api_workers": args.api_workers,
@@ -263,9 +355,38 @@ def main() -> None:
         "api_batch_size": args.batch_size,
         "api_batch_clients": args.batch_clients,
         "api_batch_jobs_per_round": args.batch_size * args.batch_requests,
-        "all_accepted_jobs_queued": all(r["all_accepted_queued"] for r in [*singles, *batches]),
-        "non_202_responses": sum(n for r in [*singles, *batches] for s, n in r["statuses"].items() if s != 202),
+        "all_accepted_jobs_queued": all(r["all_accepted_queued"] for r in phases),
+        "non_202_responses": sum(n for r in phases for s, n in r["statuses"].items() if s != 202),
     }
+    if receiver is not None:
+        traced_single = statistics.median(r["jobs_per_s"] for r in traced_singles)
+        traced_batch = statistics.median(r["jobs_per_s"] for r in traced_batches)
+        spans = receiver.stats.get("spans", 0)
+        result["samples"].update({
+            "api_single_traced": [round(r["jobs_per_s"], 1) for r in traced_singles],
+            "api_batch_traced": [round(r["jobs_per_s"], 1) for r in traced_batches],
+        })
+        # Paired per round (traced phase against the untraced phase of the same round), then the
+        # median: drift in the machine's load between rounds cancels out of each pair.
+        single_ratios = [t["jobs_per_s"] / o["jobs_per_s"] for t, o in zip(traced_singles, singles, strict=True)]
+        batch_ratios = [t["jobs_per_s"] / o["jobs_per_s"] for t, o in zip(traced_batches, batches, strict=True)]
+        result["samples"].update({
+            "tracing_single_vs_off": [round(r, 3) for r in single_ratios],
+            "tracing_batch_vs_off": [round(r, 3) for r in batch_ratios],
+        })
+        result.update({
+            "api_single_traced_jobs_per_s": round(traced_single, 1),
+            "api_batch_traced_jobs_per_s": round(traced_batch, 1),
+            "tracing_single_vs_off": round(statistics.median(single_ratios), 3),
+            "tracing_batch_vs_off": round(statistics.median(batch_ratios), 3),
+            "tracing_exporter": "otlp http/protobuf, default batch span processor",
+            "tracing_sample_ratio": args.trace_sample_ratio,
+            "tracing_spans_received": spans,
+            "tracing_export_requests": receiver.stats.get("requests", 0),
+            "tracing_export_rejected": receiver.stats.get("rejected", 0),
+            # Per job accepted by the traced API (a batch's jobs share their request's spans).
+            "tracing_spans_per_traced_job": round(spans / traced_jobs, 3) if traced_jobs else None,
+        })
     print(json.dumps(result))
 
 

@@ -1,27 +1,30 @@
 """Small-tier throughput: the same Banking77 inputs through vLLM offline and through the gRPC service.
 
-    .venv/bin/python bench/small_tier.py [--texts 2000] [--prompts 512] [--max-tokens 32]
-                                         [--clients 64] [--rounds 2] [--dataset PATH]
+    .venv/bin/python bench/small_tier.py [--texts 2000] [--prompts 1024] [--max-tokens 32]
+        [--clients 64] [--gen-clients 512] [--rounds 3] [--only embedding|generation]
+        [--gen-hidden-size 128] [--gen-layers 2] [--dataset PATH]
 
 For each model, in one run on the same machine and with the same engine settings (dtype
-bfloat16, eager mode, 1 GiB of KV cache):
+bfloat16, eager mode, 1 GiB of KV cache, 256 sequences and 4096 tokens per step):
 - offline: vLLM's `LLM` class in a process of its own, handed every input at once (`LLM.embed`,
   `LLM.generate`): the engine's best case, with no server in the way.
-- grpc: the inference service (`smallfirst inference`, a separate process) called by `--clients`
-  concurrent callers, one input per call, as the small-tier workers call it. Two kinds of
-  callers: grpc.aio coroutines (`grpc_aio`), and threads sharing the workers' own sync
-  `InferenceClient` (`grpc_threads`), each in this process.
+- grpc: the inference service (`smallfirst inference`, a separate process, deployed defaults
+  otherwise, vLLM's own metrics on) called by many concurrent callers, one input per call, as the
+  small-tier workers call it. Two kinds of callers, in this process: grpc.aio coroutines
+  (`grpc_aio`), and threads sharing the workers' own sync `InferenceClient` (`grpc_threads`).
 The models: the bundled all-MiniLM-L6-v2 (embeddings, texts/s) and the tiny random-weight Llama
-written by `smallfirst make-tiny-model` (greedy free text of `--max-tokens` tokens, tokens/s).
+written by `smallfirst make-tiny-model` (greedy text of `--max-tokens` tokens, generated tokens/s;
+`--gen-hidden-size`/`--gen-layers` make it wider and deeper).
 
-Each figure is the best of `--rounds` timed passes (the machine is shared; the best pass is the
-least disturbed one), after an untimed warm-up pass. Offline and service never run at the same
-time. The engine's own work is the same in both; what the ratio measures is the cost of the
-service (gRPC, protobuf, the asyncio front end) and of the callers, which here share the CPUs.
+Both engines stay up for the whole run, idle between passes, and the passes alternate (offline,
+aio, threads, offline, ...), so that each round's figures saw the same background load on a shared
+machine. Reported: the best round of each mode and their ratio, and the median of the per-round
+ratios. On a machine this small the callers share the CPUs with the server; the tiny generator
+does next to no arithmetic per token, so the service's per-call work weighs most there.
 
-It also reports the quality of embedding classification on the Banking77 texts (with the
-catalog's seed examples as label texts, as the executor does): accuracy, and for a few
-`min_confidence` thresholds the share the small tier keeps and its accuracy on that share.
+It also reports the quality of embedding classification on the Banking77 texts (not the
+catalog's seed examples, which serve as the label texts as in the executor): accuracy, and for a
+few `min_confidence` thresholds the share the small tier keeps and its accuracy on that share.
 
 The last line printed is one JSON object with the figures and the ratios (target: gRPC at least
 0.85x offline).
@@ -34,6 +37,7 @@ import asyncio
 import csv
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -51,6 +55,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smallfirst.common.catalog import default_catalog_path, load_catalog
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from smallfirst.inference.tiny_model import TinyModelShape, write_tiny_model
 from smallfirst.small_worker.executor import DEFAULT_CLASSIFY_TEMPERATURE, softmax
 from smallfirst.small_worker.inference_client import InferenceClient
 from smallfirst.small_worker.label_index import LabelIndex, label_texts
@@ -61,6 +66,8 @@ EMBED_MODEL = "all-minilm-l6-v2"
 GEN_MODEL = "tiny-generator"
 KV_CACHE_GIB = 1
 DTYPE = "bfloat16"
+MAX_NUM_SEQS = 256
+MAX_NUM_BATCHED_TOKENS = 4096
 # vLLM logs to stdout too; the child's result is the line carrying this mark.
 RESULT_MARK = "SMALL_TIER_OFFLINE_RESULT "
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -72,54 +79,80 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# ---- offline (runs in a child process: `small_tier.py _offline KIND MODEL INPUTS ...`) ---------
-def offline_main(kind: str, model_path: str, inputs_path: str, rounds: int, max_tokens: int) -> None:
+# ---- offline (a child process: `small_tier.py _offline KIND MODEL INPUTS MAX_TOKENS`) ------------
+def engine_kwargs() -> dict[str, Any]:
+    """Engine settings both sides share (the LLM class's CPU defaults for the batch sizes)."""
+    return {"dtype": DTYPE, "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30, "seed": 0,
+            "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
+
+
+def offline_main(kind: str, model_path: str, inputs_path: str, max_tokens: int) -> None:
+    """Loads the model, then runs one timed pass over every input per `run` line read from stdin."""
     from vllm import LLM, SamplingParams
 
     inputs: list[str] = json.loads(Path(inputs_path).read_text())
-    common: dict[str, Any] = {"dtype": DTYPE, "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30,
-                              "seed": 0}
     if kind == "embed":
-        llm = LLM(model=model_path, runner="pooling", **common)
-        llm.embed(inputs[:64], use_tqdm=False)
-        times = []
-        for _ in range(rounds):
-            started = time.perf_counter()
+        llm = LLM(model=model_path, runner="pooling", **engine_kwargs())
+
+        def one_pass() -> dict[str, Any]:
             outputs = llm.embed(inputs, use_tqdm=False)
-            times.append(time.perf_counter() - started)
-            assert len(outputs) == len(inputs)
-        result = {"items": len(inputs), "seconds": times}
+            return {"items": len(outputs)}
     else:
-        llm = LLM(model=model_path, load_format="dummy", max_model_len=4096, **common)
+        llm = LLM(model=model_path, load_format="dummy", max_model_len=4096, **engine_kwargs())
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        llm.generate(inputs[:64], params, use_tqdm=False)
-        times, tokens = [], []
-        for _ in range(rounds):
-            started = time.perf_counter()
+
+        def one_pass() -> dict[str, Any]:
             outputs = llm.generate(inputs, params, use_tqdm=False)
-            times.append(time.perf_counter() - started)
-            tokens.append(sum(len(o.outputs[0].token_ids) for o in outputs))
-        result = {"items": len(inputs), "seconds": times, "tokens": tokens}
-    print(RESULT_MARK + json.dumps(result), flush=True)
+            return {"items": len(outputs), "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+    one_pass()  # warm-up
+    print(RESULT_MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        started = time.perf_counter()
+        result = one_pass()
+        result["seconds"] = time.perf_counter() - started
+        print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def run_offline(kind: str, model_path: Path, inputs: list[str], rounds: int, max_tokens: int) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(inputs, handle)
-    try:
-        completed = subprocess.run(
-            [sys.executable, __file__, "_offline", kind, str(model_path), handle.name, str(rounds), str(max_tokens)],
-            capture_output=True, text=True, check=False, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
+class Offline:
+    """The offline engine in a child process, idle (no CPU) between the passes it is asked for."""
+
+    def __init__(self, kind: str, model_path: Path, inputs: list[str], max_tokens: int, log_dir: Path) -> None:
+        self._inputs = log_dir / f"offline-{kind}-inputs.json"
+        self._inputs.write_text(json.dumps(inputs))
+        self.log_path = log_dir / f"offline-{kind}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "_offline", kind, str(model_path), str(self._inputs), str(max_tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
         )
-    finally:
-        os.unlink(handle.name)
-    if completed.returncode != 0:
-        raise SystemExit(f"offline {kind} failed:\n{completed.stderr[-4000:]}")
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if not lines:
-        raise SystemExit(f"offline {kind} printed no result:\n{completed.stdout[-4000:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_MARK):])
-    return result
+        self._result()
+
+    def _result(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(RESULT_MARK):
+                result: dict[str, Any] = json.loads(line[len(RESULT_MARK):])
+                return result
+        raise SystemExit(f"the offline engine exited:\n{self.log_path.read_text()[-4000:]}")
+
+    def run(self) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._result()
+
+    def stop(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
 
 
 # ---- the service ---------------------------------------------------------------------------------
@@ -130,7 +163,8 @@ class Server:
         argv = [sys.executable, "-c", "from smallfirst.cli.main import main; main()", "inference",
                 "--model-path", str(model_path), "--served-model-name", name, "--host", "127.0.0.1",
                 "--port", str(self.port), "--metrics-port", "0", "--dtype", DTYPE, "--enforce-eager",
-                "--kv-cache-space-gib", str(KV_CACHE_GIB), *extra]
+                "--kv-cache-space-gib", str(KV_CACHE_GIB), "--max-num-seqs", str(MAX_NUM_SEQS),
+                "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), *extra]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
@@ -190,8 +224,17 @@ def threads_pass(client: InferenceClient, work: list[Any], call: Any, clients: i
         return time.perf_counter() - started, results
 
 
-def best_rate(items: int, seconds: list[float]) -> float:
-    return items / min(seconds)
+def summary(unit: str, rounds: dict[str, list[float]]) -> dict[str, Any]:
+    """Best round of each mode, their ratios, and the median of the per-round ratios (each round
+    runs offline and service back to back, so they saw the same background load)."""
+    best = {mode: max(rates) for mode, rates in rounds.items()}
+    out: dict[str, Any] = {"unit": unit, **{mode: round(rate, 1) for mode, rate in best.items()}}
+    for mode in ("grpc_aio", "grpc_threads"):
+        out[f"ratio_{mode}"] = round(best[mode] / best["offline"], 3)
+        paired = [g / o for g, o in zip(rounds[mode], rounds["offline"], strict=True)]
+        out[f"ratio_{mode}_median_paired"] = round(statistics.median(paired), 3)
+    out["rounds"] = {mode: [round(r, 1) for r in rates] for mode, rates in rounds.items()}
+    return out
 
 
 # ---- classification quality -----------------------------------------------------------------------
@@ -228,14 +271,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--texts", type=int, default=2000, help="Banking77 texts to embed")
-    parser.add_argument("--prompts", type=int, default=512, help="Banking77 texts used as generation prompts")
+    parser.add_argument("--prompts", type=int, default=1024, help="Banking77 texts used as generation prompts")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=64, help="concurrent callers of Embed")
+    parser.add_argument("--gen-clients", type=int, default=512, help="concurrent callers of Generate")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["embedding", "generation"], help="run one of the two models only")
+    parser.add_argument("--gen-hidden-size", type=int, default=TinyModelShape.hidden_size,
+                        help="a wider generator (heads of 64) to see the ratio when compute weighs more")
+    parser.add_argument("--gen-layers", type=int, default=TinyModelShape.num_hidden_layers)
     args = parser.parse_args()
 
     from smallfirst.inference.models import bundled_embedding_model_path
-    from smallfirst.inference.tiny_model import write_tiny_model
 
     catalog_task = load_catalog(default_catalog_path()).get("banking77_intent")
     seeds = {t for label in catalog_task.labels for t in label.examples} if catalog_task else set()
@@ -246,94 +293,95 @@ def main() -> None:
     prompts = [r["text"] for r in rows[: args.prompts]]
     workdir = Path(tempfile.mkdtemp(prefix="bench-small-tier-"))
     embed_path = bundled_embedding_model_path()
-    gen_path = write_tiny_model(workdir / GEN_MODEL, [args.dataset])
-    result: dict[str, Any] = {"bench": "small_tier", "cpus": os.cpu_count(), "clients": args.clients,
-                              "rounds": args.rounds}
+    heads = args.gen_hidden_size // 64
+    shape = TinyModelShape(hidden_size=args.gen_hidden_size, intermediate_size=2 * args.gen_hidden_size,
+                           num_hidden_layers=args.gen_layers, num_attention_heads=heads,
+                           num_key_value_heads=max(1, heads // 2))
+    gen_path = write_tiny_model(workdir / GEN_MODEL, [args.dataset], shape)
+    result: dict[str, Any] = {"bench": "small_tier", "cpus": os.cpu_count(), "embed_clients": args.clients,
+                              "generate_clients": args.gen_clients, "rounds": args.rounds,
+                              "max_tokens": args.max_tokens,
+                              "generator": {"hidden_size": shape.hidden_size, "layers": shape.num_hidden_layers}}
 
-    # -- embeddings
-    print(f"embedding: offline, {len(texts)} texts", flush=True)
-    offline = run_offline("embed", embed_path, texts, args.rounds, 0)
-    server = Server(embed_path, EMBED_MODEL, workdir)
     try:
-        requests = [pb.EmbedRequest(model=EMBED_MODEL, texts=[t]) for t in texts]
-        asyncio.run(aio_pass(server.target, requests[:256], "Embed", args.clients))
-        aio_seconds = []
+        if args.only != "generation":
+            run_embedding(args, result, embed_path, texts, intents, workdir)
+        if args.only != "embedding":
+            run_generation(args, result, gen_path, prompts, workdir)
+    finally:
+        # Failures have already printed the tail of the log that explains them.
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["target_ratio"] = 0.85
+    # Per caller kind; grpc_threads is the small-tier workers' own client.
+    result["meets_target"] = {
+        name: {mode: result[name][f"ratio_{mode}"] >= 0.85 for mode in ("grpc_aio", "grpc_threads")}
+        for name in ("embedding", "generation") if name in result
+    }
+    print(json.dumps(result))
+
+
+def run_embedding(args: argparse.Namespace, result: dict[str, Any], embed_path: Path, texts: list[str],
+                  intents: list[str], workdir: Path) -> None:
+    """Offline and service alive together, their passes alternating."""
+    print(f"embedding: {len(texts)} texts, {args.rounds} rounds", flush=True)
+    offline = Offline("embed", embed_path, texts, 0, workdir)
+    server = Server(embed_path, EMBED_MODEL, workdir)
+    client = InferenceClient({EMBED_MODEL: server.target}, default_timeout_s=300)
+    embed_requests = [pb.EmbedRequest(model=EMBED_MODEL, texts=[t]) for t in texts]
+    try:
+        asyncio.run(aio_pass(server.target, embed_requests[:256], "Embed", args.clients))
+        rounds: dict[str, list[float]] = {"offline": [], "grpc_aio": [], "grpc_threads": []}
         responses: list[Any] = []
         for _ in range(args.rounds):
-            seconds, responses = asyncio.run(aio_pass(server.target, requests, "Embed", args.clients))
-            aio_seconds.append(seconds)
-        vectors = np.array([list(r.embeddings[0].values) for r in responses], dtype=np.float32)
-        client = InferenceClient({EMBED_MODEL: server.target}, default_timeout_s=300)
-        thread_seconds = []
-        for _ in range(args.rounds):
+            rounds["offline"].append(len(texts) / offline.run()["seconds"])
+            seconds, responses = asyncio.run(aio_pass(server.target, embed_requests, "Embed", args.clients))
+            rounds["grpc_aio"].append(len(texts) / seconds)
             seconds, _ = threads_pass(client, texts, lambda t: client.embed(EMBED_MODEL, [t]), args.clients)
-            thread_seconds.append(seconds)
+            rounds["grpc_threads"].append(len(texts) / seconds)
+        vectors = np.array([list(r.embeddings[0].values) for r in responses], dtype=np.float32)
         quality = classify_quality(vectors, intents, client)
-        client.close()
     finally:
+        client.close()
         server.stop()
-    embed: dict[str, Any] = {
-        "unit": "texts/s",
-        "offline": round(best_rate(len(texts), offline["seconds"]), 1),
-        "grpc_aio": round(best_rate(len(texts), aio_seconds), 1),
-        "grpc_threads": round(best_rate(len(texts), thread_seconds), 1),
-    }
-    embed["ratio_grpc_aio"] = round(embed["grpc_aio"] / embed["offline"], 3)
-    embed["ratio_grpc_threads"] = round(embed["grpc_threads"] / embed["offline"], 3)
-    print(f"embedding: {embed}", flush=True)
-    result["embedding"] = embed
+        offline.stop()
+    result["embedding"] = summary("texts/s", rounds)
     result["classification"] = quality
+    print(f"embedding: {result['embedding']}", flush=True)
 
-    # -- generation
-    print(f"generation: offline, {len(prompts)} prompts x {args.max_tokens} tokens", flush=True)
-    offline = run_offline("generate", gen_path, prompts, args.rounds, args.max_tokens)
+
+
+def run_generation(args: argparse.Namespace, result: dict[str, Any], gen_path: Path, prompts: list[str],
+                   workdir: Path) -> None:
+    print(f"generation: {len(prompts)} prompts x {args.max_tokens} tokens, {args.rounds} rounds", flush=True)
+    offline = Offline("generate", gen_path, prompts, args.max_tokens, workdir)
     server = Server(gen_path, GEN_MODEL, workdir, "--load-format", "dummy", "--max-model-len", "4096")
+    client = InferenceClient({GEN_MODEL: server.target}, default_timeout_s=300)
+    sampling = pb.SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    gen_requests = [pb.GenerateRequest(model=GEN_MODEL, prompt=p, sampling=sampling) for p in prompts]
     try:
-        sampling = pb.SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        gen_requests = [pb.GenerateRequest(model=GEN_MODEL, prompt=p, sampling=sampling) for p in prompts]
-        asyncio.run(aio_pass(server.target, gen_requests[:64], "Generate", args.clients))
-        aio_seconds, aio_tokens = [], []
+        asyncio.run(aio_pass(server.target, gen_requests[:256], "Generate", args.gen_clients))
+        rounds: dict[str, list[float]] = {"offline": [], "grpc_aio": [], "grpc_threads": []}
         for _ in range(args.rounds):
-            seconds, responses = asyncio.run(aio_pass(server.target, gen_requests, "Generate", args.clients))
-            aio_seconds.append(seconds)
-            aio_tokens.append(sum(r.usage.completion_tokens for r in responses))
-        client = InferenceClient({GEN_MODEL: server.target}, default_timeout_s=300)
-        thread_seconds, thread_tokens = [], []
-        for _ in range(args.rounds):
+            done = offline.run()
+            rounds["offline"].append(done["tokens"] / done["seconds"])
+            seconds, responses = asyncio.run(aio_pass(server.target, gen_requests, "Generate", args.gen_clients))
+            rounds["grpc_aio"].append(sum(r.usage.completion_tokens for r in responses) / seconds)
             seconds, generations = threads_pass(
                 client, prompts,
                 lambda p: client.generate(GEN_MODEL, prompt=p, temperature=0.0, max_tokens=args.max_tokens),
-                args.clients,
+                args.gen_clients,
             )
-            thread_seconds.append(seconds)
-            thread_tokens.append(sum(g.completion_tokens for g in generations))
-        client.close()
+            rounds["grpc_threads"].append(sum(g.completion_tokens for g in generations) / seconds)
     finally:
+        client.close()
         server.stop()
-
-    def tokens_rate(tokens: list[int], seconds: list[float]) -> float:
-        return max(t / s for t, s in zip(tokens, seconds, strict=True))
-
-    generate: dict[str, Any] = {
-        "unit": "generated tokens/s",
-        "offline": round(tokens_rate(offline["tokens"], offline["seconds"]), 1),
-        "grpc_aio": round(tokens_rate(aio_tokens, aio_seconds), 1),
-        "grpc_threads": round(tokens_rate(thread_tokens, thread_seconds), 1),
-        "offline_requests_per_s": round(best_rate(len(prompts), offline["seconds"]), 1),
-        "grpc_aio_requests_per_s": round(best_rate(len(prompts), aio_seconds), 1),
-        "tokens_per_request": round(statistics.mean(aio_tokens) / len(prompts), 1),
-    }
-    generate["ratio_grpc_aio"] = round(generate["grpc_aio"] / generate["offline"], 3)
-    generate["ratio_grpc_threads"] = round(generate["grpc_threads"] / generate["offline"], 3)
-    print(f"generation: {generate}", flush=True)
-    result["generation"] = generate
-    result["target_ratio"] = 0.85
-    result["meets_target"] = min(embed["ratio_grpc_aio"], generate["ratio_grpc_aio"]) >= 0.85
-    print(json.dumps(result))
+        offline.stop()
+    result["generation"] = summary("generated tokens/s", rounds)
+    print(f"generation: {result['generation']}", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_offline":
-        offline_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        offline_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         main()

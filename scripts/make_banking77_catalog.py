@@ -55,7 +55,8 @@ def build(dataset: Path) -> dict[str, object]:
         "validators": [{"type": "min_confidence", "threshold": 0.5}],
         "routing": {"default_tier": "small"},
     }
-    return {"tasks": [task], "defaults": {"small": {"model": "all-minilm-l6-v2"}, "frontier": {"model": "claude-haiku-5-5"}}}
+    defaults = {"small": {"model": "all-minilm-l6-v2"}, "frontier": {"model": "claude-haiku-5-5"}}
+    return {"tasks": [task], "defaults": defaults}
 
 
 def main() -> None:

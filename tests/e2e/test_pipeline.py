@@ -3,6 +3,10 @@ running real vLLM, and the frontier simulator, each a separate process."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -172,3 +176,23 @@ def test_worker_killed_mid_job_still_succeeds_with_one_billed_attempt_per_tier(
     assert abandoned[0]["tier"] == "frontier"
     assert not abandoned[0]["billed"]
     assert abandoned[0]["error"]["code"] == "worker_lost"
+
+
+def test_cli_submit_waits_for_the_result(stack: Stack, tenant: IssuedTenant) -> None:
+    # when: a job submitted from the shell with --wait
+    out = subprocess.run(
+        [sys.executable, "-m", "smallfirst.cli", "submit", "--api-url", stack.api_url, "--task", "banking77_intent",
+         "--text", "I am still waiting on my card?", "--wait", "60"],
+        env={**os.environ, "SMALLFIRST_API_KEY": tenant.api_key}, capture_output=True, text=True, timeout=120,
+        check=False)
+    # then: it prints the ended job
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    assert job["status"] == "succeeded"
+    assert job["result"] == {"label": "card_arrival"}
+    # and an unknown task is a clear error with the API's code
+    bad = subprocess.run([sys.executable, "-m", "smallfirst.cli", "submit", "--api-url", stack.api_url, "--task",
+                          "nope", "--text", "x"], env={**os.environ, "SMALLFIRST_API_KEY": tenant.api_key},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0
+    assert "unknown_task" in bad.stderr

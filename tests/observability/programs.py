@@ -3,7 +3,7 @@ its own environment exactly as a service does (and the test process itself stays
 
     python -m tests.observability.programs span-tree       # a small job trace, one JSON log line
     python -m tests.observability.programs state           # what configure_telemetry installed
-    python -m tests.observability.programs publish JOB_ID  # publish a small job with the real Publisher
+    python -m tests.observability.programs publish JOB_ID [--instrumented]  # publish with the real Publisher
     python -m tests.observability.programs frontier-call URL  # one anthropic SDK call to the simulator
     python -m tests.observability.programs redis-calls URL  # Redis commands outside and inside a trace
 
@@ -67,32 +67,31 @@ def state() -> dict[str, object]:
     }
 
 
-def publish(job_id: str) -> dict[str, object]:
-    """Publish one small-tier job the way the API does: the request's span ends up on the job as a
-    `traceparent`, and a separate publisher thread (no span current there) sends the message with
-    Publisher.publish_jobs inside `continued_trace`."""
+def publish(job_id: str, instrumented: bool) -> dict[str, object]:
+    """Publish one small-tier job with the real Publisher from a thread where no span is current,
+    after storing the submitting span's `traceparent` on the job.
+
+    Not instrumented: the API's way (its publisher thread; Celery uninstrumented, the traceparent
+    travels in the message headers). Instrumented: the sweeper's way, in a worker process where
+    Celery is instrumented (a producer span continues the job's trace)."""
     import threading
 
     from smallfirst.common.queues import Publisher, make_celery
     from smallfirst.common.settings import CoreSettings
 
     configured = telemetry.configure_telemetry("obs-publisher")
-    telemetry.instrument_celery()
+    if instrumented:
+        telemetry.instrument_celery()
     app = make_celery(CoreSettings())  # from SMALLFIRST_* variables
     now = time.time()
-    job = Job(id=job_id, tenant="t", task="test", input={"text": "hello"}, priority=Priority.LOW,
-              route=RouteDecision(tier=Tier.SMALL, reason=RouteReason.TASK_DEFAULT), created_at=now,
-              updated_at=now, queued_at=now)
     with telemetry.tracer().start_as_current_span(k.SPAN_JOB_SUBMIT) as root:
-        traceparent = telemetry.current_traceparent()
+        job = Job(id=job_id, tenant="t", task="test", input={"text": "hello"}, priority=Priority.LOW,
+                  route=RouteDecision(tier=Tier.SMALL, reason=RouteReason.TASK_DEFAULT), created_at=now,
+                  updated_at=now, queued_at=now, traceparent=telemetry.current_traceparent())
         root_span_id = trace.format_span_id(root.get_span_context().span_id)
         trace_id = telemetry.current_trace_id()
 
-    def publish_from_another_thread() -> None:
-        with telemetry.continued_trace(traceparent):
-            Publisher(app).publish_jobs([job])
-
-    thread = threading.Thread(target=publish_from_another_thread)
+    thread = threading.Thread(target=Publisher(app).publish_jobs, args=([job],))
     thread.start()
     thread.join()
     configured.force_flush()
@@ -137,7 +136,7 @@ def main() -> None:
     elif mode == "state":
         result = state()
     elif mode == "publish":
-        result = publish(args[0])
+        result = publish(args[0], instrumented="--instrumented" in args[1:])
     elif mode == "redis-calls":
         result = redis_calls(args[0])
     elif mode == "frontier-call":

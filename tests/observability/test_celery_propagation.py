@@ -42,16 +42,22 @@ def traced_worker(redis_url: str, otlp_receiver: OtlpReceiver, logs_dir: Path) -
         worker.stop()
 
 
+def publish(job_id: str, env: dict[str, str], *options: str) -> dict[str, str]:
+    proc = subprocess.run([sys.executable, "-m", "tests.observability.programs", "publish", job_id, *options],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    published: dict[str, str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return published
+
+
 def test_worker_spans_continue_the_publishers_trace_across_the_escalation_hop(
         redis_url: str, otlp_receiver: OtlpReceiver, traced_worker: ManagedProcess) -> None:
     # given a traced worker, and a separate traced process that publishes like the API does
     env = _env(redis_url, otlp_receiver)
 
-    # when the publisher sends a low-priority small job inside its root span
-    proc = subprocess.run([sys.executable, "-m", "tests.observability.programs", "publish", JOB_ID], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    published = json.loads(proc.stdout.strip().splitlines()[-1])
+    # when the publisher sends a low-priority small job submitted inside its root span, from a thread
+    # outside any span and without Celery instrumentation (the API's publisher thread)
+    published = publish(JOB_ID, env)
     client = redis.Redis.from_url(redis_url)
     wait_until(lambda: client.exists(trace_worker.done_key(JOB_ID)) == 1, 60, "the escalated job to finish")
 
@@ -70,7 +76,6 @@ def test_worker_spans_continue_the_publishers_trace_across_the_escalation_hop(
         assert len(found) == 1, f"{service}:{name} in the trace: {found}"
         return found[0]
 
-    publish_small = one(f"apply_async/{k.TASK_RUN_SMALL}", "obs-publisher")
     run_small = one(f"run/{k.TASK_RUN_SMALL}", trace_worker.SERVICE)
     publish_escalation = one(f"apply_async/{k.TASK_RUN_FRONTIER}", trace_worker.SERVICE)
     run_frontier = one(f"run/{k.TASK_RUN_FRONTIER}", trace_worker.SERVICE)
@@ -79,13 +84,14 @@ def test_worker_spans_continue_the_publishers_trace_across_the_escalation_hop(
     frontier_attempt = next(s for s in attempts if s.attributes[k.ATTR_TIER] == "frontier")
     redis_spans = [s for s in in_trace if s.parent_span_id == small_attempt.span_id and s.name == "INCRBY"]
 
-    assert publish_small.parent_span_id == published["root_span_id"]
-    assert publish_small.kind == "SPAN_KIND_PRODUCER"
-    assert run_small.parent_span_id == publish_small.span_id
+    # the message carried the submitting span's context: no span per message, the submit span is the parent
+    assert [s.name for s in in_trace if s.service_name == "obs-publisher"] == [k.SPAN_JOB_SUBMIT]
+    assert run_small.parent_span_id == published["root_span_id"]
     assert run_small.kind == "SPAN_KIND_CONSUMER"
     assert small_attempt.parent_span_id == run_small.span_id
     assert len(redis_spans) == 1
     assert publish_escalation.parent_span_id == small_attempt.span_id
+    assert publish_escalation.kind == "SPAN_KIND_PRODUCER"
     assert run_frontier.parent_span_id == publish_escalation.span_id
     assert frontier_attempt.parent_span_id == run_frontier.span_id
     assert {s.attributes[k.ATTR_JOB_ID] for s in attempts} == {JOB_ID}
@@ -97,3 +103,26 @@ def test_worker_spans_continue_the_publishers_trace_across_the_escalation_hop(
     assert escalating["span_id"] == small_attempt.span_id
     assert escalating["job_id"] == JOB_ID
     assert escalating["service"] == trace_worker.SERVICE
+
+
+def test_a_publish_outside_any_span_in_an_instrumented_process_continues_the_jobs_trace(
+        redis_url: str, otlp_receiver: OtlpReceiver, traced_worker: ManagedProcess) -> None:
+    # given a traced worker, and a traced process with Celery instrumented (a worker's sweeper)
+    env = _env(redis_url, otlp_receiver)
+    job_id = f"{JOB_ID}_republished"
+
+    # when it publishes a job from a thread where no span is current
+    published = publish(job_id, env, "--instrumented")
+    client = redis.Redis.from_url(redis_url)
+    wait_until(lambda: client.exists(trace_worker.done_key(job_id)) == 1, 60, "the job to finish")
+
+    # then its producer span continues the job's trace from the stored traceparent, and the worker's from it
+    spans = otlp_receiver.wait_for(lambda s: any(x.name == f"run/{k.TASK_RUN_SMALL}" for x in s),
+                                   what="the worker's run span")
+    in_trace = [s for s in spans if s.trace_id == published["trace_id"]]
+    [producer] = [s for s in in_trace if s.name == f"apply_async/{k.TASK_RUN_SMALL}"]
+    [run_small] = [s for s in in_trace if s.name == f"run/{k.TASK_RUN_SMALL}"]
+    assert producer.service_name == "obs-publisher"
+    assert producer.kind == "SPAN_KIND_PRODUCER"
+    assert producer.parent_span_id == published["root_span_id"]
+    assert run_small.parent_span_id == producer.span_id

@@ -3,11 +3,20 @@
 It decodes each `ExportTraceServiceRequest` with the protobuf classes of `opentelemetry-proto` (the
 ones the exporters encode with) and keeps the spans for assertions. Nothing about the exporters is
 faked: the services under test export over the network exactly as they would to a collector.
+
+As a process of its own (a stand-in collector for benchmarks, counting spans without keeping them):
+
+    python -m tests.support.otlp_receiver
+
+prints `{"http_endpoint": ..., "grpc_endpoint": ...}` once listening, and on SIGTERM or SIGINT a last
+line `{"spans": N, "requests": N, "rejected": N}`.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+import signal
 import threading
 import time
 import zlib
@@ -76,21 +85,28 @@ def decode_spans(request: trace_service_pb2.ExportTraceServiceRequest, protocol:
     return spans
 
 
+def count_spans(request: trace_service_pb2.ExportTraceServiceRequest) -> int:
+    return sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+
+
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self.receiver = receiver
 
     def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
                context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.receiver.add(decode_spans(request, "grpc"))
+        self.receiver.receive(request, "grpc")
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, keep_spans: bool = True) -> None:
+        """`keep_spans=False` only counts them (`span_count`): a cheap sink for benchmarks."""
+        self.keep_spans = keep_spans
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Condition()
         self.requests = 0
+        self.span_count = 0
         self.rejected: list[str] = []
         self._http: ThreadingHTTPServer | None = None
         self._grpc: grpc.Server | None = None
@@ -116,7 +132,7 @@ class OtlpReceiver:
                     return
                 request = trace_service_pb2.ExportTraceServiceRequest()
                 request.ParseFromString(body)
-                receiver.add(decode_spans(request, "http"))
+                receiver.receive(request, "http")
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -162,9 +178,18 @@ class OtlpReceiver:
         }
 
     # ---- what arrived ----
+    def receive(self, request: trace_service_pb2.ExportTraceServiceRequest, protocol: str) -> None:
+        if self.keep_spans:
+            self.add(decode_spans(request, protocol))
+            return
+        with self._lock:
+            self.requests += 1
+            self.span_count += count_spans(request)
+
     def add(self, spans: list[ReceivedSpan]) -> None:
         with self._lock:
             self.requests += 1
+            self.span_count += len(spans)
             self._spans.extend(spans)
             self._lock.notify_all()
 
@@ -192,3 +217,20 @@ class OtlpReceiver:
 
     def named(self, name: str) -> list[ReceivedSpan]:
         return [s for s in self.spans() if s.name == name]
+
+
+def main() -> None:
+    receiver = OtlpReceiver(keep_spans=False).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"http_endpoint": receiver.http_endpoint, "grpc_endpoint": receiver.grpc_endpoint}), flush=True)
+    while not stop.wait(0.5):
+        pass
+    receiver.stop()
+    print(json.dumps({"spans": receiver.span_count, "requests": receiver.requests,
+                      "rejected": len(receiver.rejected)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
@@ -44,6 +45,7 @@ from smallfirst.api.service import JobService, ListQuery
 from smallfirst.api.settings import ApiSettings
 from smallfirst.api.stats import StatsReader
 from smallfirst.common import constants as k
+from smallfirst.common import telemetry
 from smallfirst.common.catalog import Catalog, CatalogError, load_catalog
 from smallfirst.common.jobs import JobStatus, Tier
 from smallfirst.common.queues import Publisher, make_celery
@@ -262,11 +264,21 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=True)
 async def metrics(request: Request) -> Response:
-    rt = runtime(request)
-    return Response(content=rt.metrics.render(), media_type=rt.metrics.content_type)
+    """Job counters of this process, queue depths (read from Redis now), process figures."""
+    # A thread, not the loop: reading the queue depths waits on Redis (up to its short timeout).
+    body, content_type = await anyio.to_thread.run_sync(runtime(request).metrics.render,
+                                                        request.headers.get("accept"))
+    return Response(content=body, media_type=content_type)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
+    # Tracing from the OTEL_* environment, before any client exists: Redis commands are traced
+    # inside requests (nothing at all while tracing is off). Celery is left uninstrumented: each
+    # message carries its job's traceparent anyway (Publisher), while a producer span per message
+    # (500 for one batch request) made each publish about 4x as costly when measured.
+    telemetry.configure_telemetry(k.SERVICE_API)
+    telemetry.instrument_redis()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -281,7 +293,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         celery_app = make_celery(settings)
         pump = PublishPump(Publisher(celery_app), settings.publish_batch_max)
         hub = JobEventHub(events_client)
-        metrics = ApiMetrics()
+        metrics = ApiMetrics(settings.redis_url)
         store = AsyncJobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
         committer = GroupCommitter(store, settings.commit_group_max_jobs)
         service = JobService(settings=settings, catalog=catalog, redis=client, store=store, committer=committer,
@@ -303,6 +315,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await hub.stop()
             await pump.stop()
             celery_app.close()
+            metrics.close()
             await events_client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
             await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
 
@@ -328,6 +341,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return settings.max_batch_body_bytes if path == BATCH_PATH else settings.max_body_bytes
 
     app.add_middleware(BodySizeLimit, limit_for_path=limit_for_path)
+    # Outermost: a request's server span (continuing the caller's traceparent) covers every middleware.
+    telemetry.instrument_fastapi(app)
     return app
 
 
@@ -345,5 +360,8 @@ def _document_one_error_shape(document: dict[str, Any]) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` (several worker processes each build their own app)."""
-    return create_app(ApiSettings())
+    """Factory for `uvicorn --factory` (several worker processes each build their own app, and
+    configure their own logging: a spawned worker does not inherit the parent's handlers)."""
+    settings = ApiSettings()
+    telemetry.configure_logging(k.SERVICE_API, settings.log_level, json=settings.log_json)
+    return create_app(settings)

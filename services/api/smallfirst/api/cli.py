@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 from pydantic import ValidationError
 
 from smallfirst.api.settings import ApiSettings
+from smallfirst.common import constants as k
+from smallfirst.common.telemetry import configure_logging
 
 
 @click.command()
@@ -25,7 +25,8 @@ def command(host: str | None, port: int | None, workers: int | None) -> None:
         settings = ApiSettings()
     except ValidationError as exc:
         raise click.ClickException(f"invalid settings (environment SMALLFIRST_*):\n{exc}") from exc
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JSON lines with the trace and job ids (SMALLFIRST_LOG_JSON=false: text for a terminal).
+    configure_logging(k.SERVICE_API, settings.log_level, json=settings.log_json)
     host = host or settings.api_host
     port = settings.api_port if port is None else port
     workers = workers or settings.api_workers
@@ -33,6 +34,9 @@ def command(host: str | None, port: int | None, workers: int | None) -> None:
         "host": host, "port": port, "log_level": settings.log_level.lower(), "access_log": settings.access_log,
         "proxy_headers": True, "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "timeout_keep_alive": settings.keep_alive_s,
+        # uvicorn's own loggers then propagate to the root handler above (JSON too) instead of
+        # getting uvicorn's text handlers.
+        "log_config": None,
     }
     if workers > 1:
         # Each worker process builds its own app (and resources) from the environment.

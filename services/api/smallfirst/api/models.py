@@ -85,6 +85,7 @@ class JobResource(Job):
     attempts: list[AttemptResource] = Field(default_factory=list)  # type: ignore[assignment]
     cost_usd: float = Field(description="Cost of every billed attempt, in USD.")
     version: SkipJsonSchema[int] = 0
+    traceparent: SkipJsonSchema[str | None] = None
 
 
 class BatchItemResult(BaseModel):

@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from opentelemetry import trace
 from pydantic import ValidationError
 
 from smallfirst.api.commit import GroupCommitter
@@ -31,7 +30,8 @@ from smallfirst.api.publishing import PublishError, PublishPump
 from smallfirst.api.quota import QuotaLimiter, quota_error
 from smallfirst.api.settings import ApiSettings
 from smallfirst.api.stats import StatsReader
-from smallfirst.common import lifecycle
+from smallfirst.common import constants as k
+from smallfirst.common import lifecycle, telemetry
 from smallfirst.common.catalog import Catalog, Task
 from smallfirst.common.jobs import Job, JobStatus, Tier, new_job_id, new_job_ids
 from smallfirst.common.routing import RouteRequest, RoutingConflict, decide_route, is_local_only
@@ -82,11 +82,6 @@ def _epoch_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def _current_trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
 
 
 class JobService:
@@ -154,7 +149,9 @@ class JobService:
                    # The effective value, so the workers never escalate a job of a local-only tenant.
                    local_only=is_local_only(route_request), metadata=dict(request.metadata),
                    callback_url=request.callback_url, route=route, created_at=now, updated_at=now,
-                   queued_at=now, trace_id=_current_trace_id())
+                   # The submitting span: the publisher thread and the sweeper continue its trace.
+                   queued_at=now, trace_id=telemetry.current_trace_id(),
+                   traceparent=telemetry.current_traceparent())
 
     async def check_callbacks(self, tenant: Tenant, urls: Iterable[str]) -> dict[str, ApiError]:
         """The refused URLs among `urls`, each with its error. DNS runs on worker threads."""
@@ -176,7 +173,13 @@ class JobService:
         return refused
 
     async def submit(self, tenant: Tenant, request: JobRequest) -> Job:
-        job = self.build_job(tenant, request, time.time())
+        with telemetry.tracer().start_as_current_span(k.SPAN_JOB_SUBMIT) as span:
+            job = self.build_job(tenant, request, time.time())
+            telemetry.annotate_job(job, span)
+            await self._submit_one(tenant, job)
+            return job
+
+    async def _submit_one(self, tenant: Tenant, job: Job) -> None:
         if job.callback_url:
             refused = await self.check_callbacks(tenant, [job.callback_url])
             if refused:
@@ -187,9 +190,13 @@ class JobService:
         await self.committer.create([job])
         await self._publish([job])
         self.metrics.jobs_submitted([job])
-        return job
 
     async def submit_batch(self, tenant: Tenant, batch: BatchRequest) -> BatchOutcome:
+        # One span for the batch (not one per job): its jobs share the request's trace.
+        with telemetry.tracer().start_as_current_span(k.SPAN_JOB_SUBMIT):
+            return await self._submit_batch(tenant, batch)
+
+    async def _submit_batch(self, tenant: Tenant, batch: BatchRequest) -> BatchOutcome:
         if len(batch.jobs) > self.settings.max_batch_jobs:
             raise ApiError(422, "batch_too_large",
                            f"a batch holds at most {self.settings.max_batch_jobs} jobs, not {len(batch.jobs)}",
@@ -330,7 +337,10 @@ class JobService:
         job = await self._owned(tenant, job_id)
         if not job.status.terminal:
             try:
-                _, cancelled = await self.store.transition(job_id, lambda j: lifecycle.cancel(j, now=time.time()))
+                before, cancelled = await self.store.transition(job_id,
+                                                                lambda j: lifecycle.cancel(j, now=time.time()))
+                self.metrics.job_changed(before, cancelled)
+                telemetry.annotate_job(cancelled)
                 return cancelled
             except TransitionRefused:
                 job = await self._owned(tenant, job_id)

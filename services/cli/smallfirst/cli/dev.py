@@ -27,8 +27,8 @@ from smallfirst.common.catalog import default_catalog_path
 DEMO_JOBS: list[dict[str, Any]] = [
     {"task": "banking77_intent", "input": {"text": "I ordered my card two weeks ago and it still hasn't arrived."}},
     {"task": "invoice_fields", "input": {"text": (
-        "INVOICE INV-2041\nAcme Tools Ltd, 12 Harbour Road, Bristol\nIssue date: 2026-11-02\n"
-        "Due date: 2026-12-01\n3 x torque wrench  1,250.00\nTotal due: EUR 1,250.00")}},
+        "INVOICE\nInvoice number: INV-2041\nVendor: Acme Tools Ltd\nIssue date: 2026-11-02\n"
+        "Due date: 2026-12-01\n3 x torque wrench: 1,250.00\nCurrency: EUR\nTotal amount: 1,250.00")}},
     {"task": "email_summary", "input": {"text": (
         "Hi team, this is Priya from Northwind. Our invoices since October show the old VAT number. "
         "Could you reissue them with the new one before our audit on 5 December? Thanks, Priya")}},

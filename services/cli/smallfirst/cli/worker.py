@@ -22,14 +22,14 @@ def command(pool: str, concurrency: int | None, loglevel: str, hostname: str | N
         from smallfirst.small_worker.worker import SmallWorkerSettings
         from smallfirst.small_worker.worker import make_worker_app as make_small
 
-        small_settings = SmallWorkerSettings()  # type: ignore[call-arg]  # required values come from the env
+        small_settings = SmallWorkerSettings()
         app = make_small(small_settings)
         threads = concurrency or small_settings.concurrency
     else:
         from smallfirst.frontier_worker.settings import FrontierWorkerSettings
         from smallfirst.frontier_worker.worker import make_worker_app as make_frontier
 
-        frontier_settings = FrontierWorkerSettings()  # type: ignore[call-arg]
+        frontier_settings = FrontierWorkerSettings()
         app = make_frontier(frontier_settings)
         threads = concurrency or frontier_settings.concurrency
     argv = [

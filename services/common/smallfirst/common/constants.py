@@ -137,6 +137,8 @@ HEADER_WEBHOOK_SIGNATURE: Final = "webhook-signature"
 HEADER_FRONTIER_SIMULATOR: Final = "x-smallfirst-simulator"
 # Per-request fault injection at the simulator (tests): "429;retry_after_s=0.5", "529", "drop", ...
 HEADER_SIM_FAULT: Final = "x-sim-fault"
+# W3C trace context, in HTTP requests and in Celery message headers (a traced worker continues it).
+HEADER_TRACEPARENT: Final = "traceparent"
 
 # ---- Span attributes (OpenTelemetry semantic conventions first, ours under smallfirst.*) --------
 ATTR_JOB_ID: Final = "smallfirst.job.id"
@@ -182,6 +184,8 @@ SPAN_JOB_SUBMIT: Final = "smallfirst.job.submit"
 SPAN_JOB_ATTEMPT: Final = "smallfirst.job.attempt"
 SPAN_VALIDATE: Final = "smallfirst.validate"
 SPAN_RATELIMIT_WAIT: Final = "smallfirst.frontier.ratelimit_wait"
+# One frontier answer: every provider call (the SDK's own client spans), retry and limiter wait inside.
+SPAN_FRONTIER_CALL: Final = "smallfirst.frontier.call"
 
 # ---- Log record fields (structured JSON logs) -------------------------------------------------
 LOG_FIELD_TRACE_ID: Final = "trace_id"

@@ -4,6 +4,9 @@ Both worker pools use this; what differs between them (calling the inference ser
 frontier API) stays in their own packages. Every method turns a refused transition (the job was
 cancelled meanwhile, or another delivery owns it) into a logged no-op, so a late answer never
 overwrites a cancel and a duplicate delivery never runs twice.
+
+Every transition the store accepts is counted in the job metrics (with the record before and after
+it, so each is counted exactly once) and described on the current span (the worker's job span).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 from smallfirst.common import lifecycle
 from smallfirst.common.catalog import Catalog, Task
 from smallfirst.common.jobs import ErrorInfo, Job, JobStatus, Tier, Usage, Verdict
+from smallfirst.common.metrics import JobMetrics, default_job_metrics
 from smallfirst.common.queues import Publisher
 from smallfirst.common.store import JobNotFound, JobStore
+from smallfirst.common.telemetry import annotate_job
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +47,20 @@ class AttemptContext:
 
 class JobExecution:
     def __init__(self, store: JobStore, publisher: Publisher, catalog: Catalog, *, lease_s: float,
-                 worker_name: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 worker_name: str | None = None, clock: Callable[[], float] = time.time,
+                 metrics: JobMetrics | None = None) -> None:
         self.store = store
         self.publisher = publisher
         self.catalog = catalog
         self.lease_s = lease_s
         self.worker_name = worker_name or socket.gethostname()
         self.clock = clock
+        # The process's set on the default registry (what the pool's metrics server serves) unless given.
+        self.metrics = default_job_metrics() if metrics is None else metrics
+
+    def _record(self, before: Job, after: Job) -> None:
+        self.metrics.record_job_transition(before, after)
+        annotate_job(after)
 
     def begin(self, job_id: str, tier: Tier, task_id: str) -> AttemptContext | None:
         """Claim an attempt for this delivery, or None when there is nothing for it to do."""
@@ -62,12 +74,13 @@ class JobExecution:
             raise TaskNotInCatalog(f"job {job_id}: task {job.task!r} is not in this worker's catalog")
         model = task.small.model if tier is Tier.SMALL else task.frontier.model
         try:
-            _, new = self.store.transition(job_id, lambda j: lifecycle.begin_attempt(
+            old, new = self.store.transition(job_id, lambda j: lifecycle.begin_attempt(
                 j, tier=tier, model=model, worker=self.worker_name, task_id=task_id, now=self.clock(),
                 lease_s=self.lease_s))
         except lifecycle.TransitionRefused as refused:
             self._on_refused_begin(job_id, tier, refused.reason)
             return None
+        self._record(old, new)
         attempt = new.attempts[-1]
         return AttemptContext(job=new, task=task, attempt_number=attempt.number, task_id=task_id)
 
@@ -82,13 +95,14 @@ class JobExecution:
 
     def _apply(self, ctx: AttemptContext, change: Callable[[Job], Job]) -> Job | None:
         try:
-            _, new = self.store.transition(ctx.job.id, change)
+            old, new = self.store.transition(ctx.job.id, change)
         except lifecycle.TransitionRefused as refused:
             log.info("job %s: result of attempt %s dropped (%s)", ctx.job.id, ctx.attempt_number, refused.reason)
             return None
+        self._record(old, new)
         ctx.job = new
         if new.status.terminal and new.callback_url:
-            self.publisher.publish_webhook(new.id)
+            self.publisher.publish_webhook(new.id, new.traceparent)
         return new
 
     def succeed(self, ctx: AttemptContext, *, answer: Any, confidence: float | None, usage: Usage, cost_usd: float,

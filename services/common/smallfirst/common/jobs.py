@@ -147,6 +147,9 @@ class Job(BaseModel):
     queued_at: float
     ended_at: float | None = None
     trace_id: str | None = None
+    # W3C traceparent of the span that submitted the job: whoever publishes its messages outside a
+    # span (the API's publisher thread, the sweeper) continues the job's trace from it. Internal.
+    traceparent: str | None = None
     # Incremented by every write; the store's compare-and-set checks it.
     version: int = 0
 
@@ -166,7 +169,7 @@ class Job(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The job resource as the API returns it (internal lease fields left out)."""
-        data = self.model_dump(mode="json", exclude={"version"})
+        data = self.model_dump(mode="json", exclude={"version", "traceparent"})
         for attempt in data["attempts"]:
             attempt.pop("task_id", None)
             attempt.pop("lease_expires_at", None)

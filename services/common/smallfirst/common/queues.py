@@ -17,6 +17,7 @@ from kombu import Queue
 from smallfirst.common import constants as k
 from smallfirst.common.jobs import Job, Priority, Tier
 from smallfirst.common.settings import CoreSettings
+from smallfirst.common.telemetry import continued_trace
 
 
 def make_celery(settings: CoreSettings, *, main: str = "smallfirst") -> Celery:
@@ -72,7 +73,14 @@ def message_priority(priority: Priority, *, escalated: bool = False) -> int:
 
 class Publisher:
     """Sends the message that makes a worker pick a job up. Duplicates are harmless: the job's
-    compare-and-set lets exactly one delivery run an attempt."""
+    compare-and-set lets exactly one delivery run an attempt.
+
+    Each message carries the `traceparent` of the span that submitted its job (`Job.traceparent`) in
+    its headers, where a traced worker continues it: the API publishes without any Celery
+    instrumentation, and so without a span per message. Where Celery is instrumented (the workers)
+    its producer span replaces it: inside a job's span, a child of that span; elsewhere (the sweeper)
+    a span continuing the job's own trace.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -80,14 +88,16 @@ class Publisher:
     def publish_job(self, job: Job, producer: Any = None) -> None:
         """First delivery of a queued job, to the tier the routing policy chose."""
         if job.route.tier is Tier.SMALL:
-            self._send(k.TASK_RUN_SMALL, job.id, k.QUEUE_SMALL, message_priority(job.priority), producer)
+            self._send(k.TASK_RUN_SMALL, job.id, k.QUEUE_SMALL, message_priority(job.priority), job.traceparent,
+                       producer)
         else:
-            self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_FRONTIER, message_priority(job.priority), producer)
+            self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_FRONTIER, message_priority(job.priority),
+                       job.traceparent, producer)
 
     def publish_jobs(self, jobs: Sequence[Job], max_batch: int = 500) -> None:
         """First delivery of many jobs through one producer, pipelined by kombu's `Producer.batch`
         (a few Redis round trips instead of one client and one round trip per message). Celery's
-        publish signals still fire for each message, so tracing context is injected as usual."""
+        publish signals still fire for each message."""
         with self.app.producer_or_acquire() as producer:
             # kombu < 5.7 has no Producer.batch: publish one by one through the shared producer.
             batch = getattr(producer, "batch", None)
@@ -96,10 +106,15 @@ class Publisher:
                     self.publish_job(job, producer)
 
     def publish_escalation(self, job: Job) -> None:
-        self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_ESCALATION, message_priority(job.priority, escalated=True))
+        self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_ESCALATION, message_priority(job.priority, escalated=True),
+                   job.traceparent)
 
-    def publish_webhook(self, job_id: str) -> None:
-        self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL)
+    def publish_webhook(self, job_id: str, traceparent: str | None = None) -> None:
+        self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL, traceparent)
 
-    def _send(self, task_name: str, job_id: str, queue: str, priority: int, producer: Any = None) -> None:
-        self.app.send_task(task_name, args=[job_id], queue=queue, priority=priority, producer=producer)
+    def _send(self, task_name: str, job_id: str, queue: str, priority: int, traceparent: str | None,
+              producer: Any = None) -> None:
+        # Made current for the Celery instrumentation, if any, unless a span already is (a job's).
+        with continued_trace(traceparent):
+            self.app.send_task(task_name, args=[job_id], queue=queue, priority=priority, producer=producer,
+                               headers={k.HEADER_TRACEPARENT: traceparent} if traceparent else None)

@@ -113,8 +113,10 @@ def _write_effects(pipe: Any, old: Job | None, new: Job, retention_s: int, stale
     ended_now = new.status.terminal and (old is None or not old.status.terminal)
     if ended_now:
         for field, amount in _stats_fields(new).items():
-            if float(amount).is_integer():
-                pipe.hincrby(k.stats_key(new.tenant, new.task), field, int(amount))
+            # By type, not by value: a dollar amount of 0.0 added with HINCRBY to a field that already
+            # holds "0.0004" fails the whole transaction ("hash value is not an integer").
+            if isinstance(amount, int):
+                pipe.hincrby(k.stats_key(new.tenant, new.task), field, amount)
             else:
                 pipe.hincrbyfloat(k.stats_key(new.tenant, new.task), field, amount)
         if new.callback_url:

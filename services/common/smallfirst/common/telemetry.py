@@ -45,7 +45,7 @@ from opentelemetry.util.types import AttributeValue
 from smallfirst.common import constants as k
 
 if TYPE_CHECKING:
-    from smallfirst.common.jobs import Attempt, Job, Usage
+    from smallfirst.common.jobs import Attempt, Job, Usage, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,9 @@ def instrument_celery() -> bool:
     """Publish and consume spans, with the context carried in the task message headers.
 
     In a worker this must run in the process that executes the tasks, after it started
-    (`install_worker_telemetry` does that); in a publisher, before the first message is sent."""
+    (`install_worker_telemetry` does that); in a publisher, before the first message is sent. A
+    process that only publishes jobs it stored with their `traceparent` (the API) needs none:
+    `Publisher` puts that in the message headers itself, and the worker continues from it."""
 
     def action() -> None:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
@@ -309,12 +311,15 @@ def grpc_server_interceptors() -> list[Any]:
 
 def instrument_fastapi(app: Any, excluded_urls: str = DEFAULT_FASTAPI_EXCLUDED_URLS) -> bool:
     """A server span per request that continues the caller's `traceparent`. Call it in the app
-    factory, before the app serves its first request."""
+    factory, before the app serves its first request.
+
+    The ASGI layer's spans for each body chunk received and sent are left out: two to four more
+    spans per request, each recorded and exported, that say nothing the server span does not."""
     if not tracing_enabled():
         return False
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls=excluded_urls)
+    FastAPIInstrumentor.instrument_app(app, excluded_urls=excluded_urls, exclude_spans=["receive", "send"])
     return True
 
 
@@ -381,7 +386,7 @@ def current_traceparent() -> str | None:
     its messages later (the API's publisher thread, the sweeper) continues the job's trace."""
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)
-    return carrier.get("traceparent")
+    return carrier.get(k.HEADER_TRACEPARENT)
 
 
 @contextlib.contextmanager
@@ -391,7 +396,8 @@ def continued_trace(traceparent: str | None) -> Iterator[None]:
     if not traceparent or trace.get_current_span().get_span_context().is_valid:
         yield
         return
-    token = otel_context.attach(_propagator.extract({"traceparent": traceparent}))
+    # On top of the current context, so that what it holds besides the span stays in force.
+    token = otel_context.attach(_propagator.extract({k.HEADER_TRACEPARENT: traceparent}, otel_context.get_current()))
     try:
         yield
     finally:
@@ -434,6 +440,27 @@ def job_span(name: str, job_id: str, *, tier: str | None = None, kind: SpanKind 
         attrs.update(attributes)
     with job_context(job_id), tracer().start_as_current_span(name, kind=kind, attributes=attrs) as span:
         yield span
+
+
+@contextlib.contextmanager
+def validation_span(tier: str) -> Iterator[Span]:
+    """A span around judging one answer (made current); record the verdict with `annotate_verdict`."""
+    if not tracing_enabled():
+        yield trace.INVALID_SPAN
+        return
+    with tracer().start_as_current_span(k.SPAN_VALIDATE, attributes={k.ATTR_TIER: str(tier)}) as span:
+        yield span
+
+
+def annotate_verdict(verdict: Verdict, span: Span | None = None) -> None:
+    """Whether the answer passed and the codes of why not. A rejected answer is an outcome, not an
+    error of the span: the escalation or retry that follows is the system working."""
+    target = _span(span)
+    if not target.is_recording():
+        return
+    target.set_attribute(k.ATTR_VERDICT, verdict.passed)
+    if verdict.reasons:
+        target.set_attribute(k.ATTR_VERDICT_REASONS, sorted({reason_code(r) for r in verdict.reasons}))
 
 
 def reason_code(reason: str) -> str:
@@ -565,7 +592,9 @@ def record_error(error_type: str, description: str = "", span: Span | None = Non
 
 # ---- Structured logging --------------------------------------------------------------------------
 _STANDARD_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", k.LOG_FIELD_TRACE_ID, k.LOG_FIELD_SPAN_ID, k.LOG_FIELD_JOB_ID}
+    "message", "asctime", k.LOG_FIELD_TRACE_ID, k.LOG_FIELD_SPAN_ID, k.LOG_FIELD_JOB_ID,
+    # uvicorn's copy of the message with terminal colour codes.
+    "color_message"}
 
 
 class TraceContextFilter(logging.Filter):

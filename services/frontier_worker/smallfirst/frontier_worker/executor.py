@@ -4,6 +4,10 @@ Retries belong to this executor, not to the SDK (the client is built with `max_r
 retry is counted once, waits are recorded, and the per-job budget (attempts and total wait) is
 enforced in one place. 429 and 529 honour the provider's `retry-after`; other 5xx, 408, 409 and
 connection failures back off exponentially with jitter; 400 and the other 4xx fail at once.
+
+Observability: every HTTP call is counted by outcome, every response's tokens and cost, and every
+wait for the shared limiter (`FrontierMetrics`); one span covers the whole answer (the SDK's own
+client span per call, and a span per limiter wait, are its children).
 """
 
 from __future__ import annotations
@@ -21,22 +25,29 @@ import anthropic
 import redis
 from anthropic.types import Message
 from httpx2 import Headers
-from opentelemetry import trace
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 
+from smallfirst.common import telemetry
 from smallfirst.common.catalog import StructuredOutputMode, Task
 from smallfirst.common.constants import (
     ATTR_COST_USD,
-    ATTR_GEN_AI_FINISH_REASON,
-    ATTR_GEN_AI_INPUT_TOKENS,
     ATTR_GEN_AI_OPERATION,
-    ATTR_GEN_AI_OUTPUT_TOKENS,
+    ATTR_GEN_AI_PROVIDER,
+    ATTR_GEN_AI_REQUEST_MAX_TOKENS,
     ATTR_GEN_AI_REQUEST_MODEL,
-    ATTR_GEN_AI_RESPONSE_MODEL,
     ATTR_GEN_AI_SYSTEM,
+    ATTR_PROVIDER_RETRIES,
+    ATTR_RATELIMIT_WAIT_S,
     ATTR_TASK,
+    GEN_AI_OPERATION_CHAT,
+    GEN_AI_PROVIDER_ANTHROPIC,
     HEADER_FRONTIER_SIMULATOR,
+    SPAN_FRONTIER_CALL,
+    SPAN_RATELIMIT_WAIT,
 )
 from smallfirst.common.jobs import Usage
+from smallfirst.common.metrics import OUTCOME_OK, FrontierMetrics, default_frontier_metrics, frontier_outcome
 from smallfirst.common.pricing import ModelPrice, PriceTable, UnknownModelPrice
 from smallfirst.frontier_worker.errors import (
     FrontierAuthError,
@@ -131,7 +142,7 @@ class FrontierExecutor:
     def __init__(self, client: anthropic.Anthropic, limiter: RedisRateLimiter | None, prices: PriceTable,
                  retry: RetryPolicy | None = None, tool_only_models: Iterable[str] = (),
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 draw: Callable[[], float] = random.random) -> None:
+                 draw: Callable[[], float] = random.random, metrics: FrontierMetrics | None = None) -> None:
         self._client = client
         self._limiter = limiter
         self._prices = prices
@@ -141,7 +152,8 @@ class FrontierExecutor:
         self._sleep = sleep
         self._clock = clock
         self._draw = draw
-        self._tracer = trace.get_tracer(__name__)
+        # The process's set on the default registry (what the pool's metrics server serves) unless given.
+        self._metrics = default_frontier_metrics() if metrics is None else metrics
 
     def run(self, task: Task, job_input: Mapping[str, str],
             escalation: EscalationContext | None = None) -> FrontierAnswer:
@@ -151,17 +163,23 @@ class FrontierExecutor:
         except UnknownModelPrice as exc:
             raise FrontierConfigurationError(str(exc)) from exc
         request = build_request(task, job_input, escalation, self.shape_for(task))
-        with self._tracer.start_as_current_span("frontier.messages") as span:
-            span.set_attribute(ATTR_GEN_AI_SYSTEM, "anthropic")
-            span.set_attribute(ATTR_GEN_AI_OPERATION, "chat")
-            span.set_attribute(ATTR_GEN_AI_REQUEST_MODEL, request.model)
-            span.set_attribute(ATTR_TASK, task.name)
-            answer = self._call(request, price, task.frontier.structured_output is StructuredOutputMode.AUTO)
-            span.set_attribute(ATTR_GEN_AI_RESPONSE_MODEL, answer.model)
-            span.set_attribute(ATTR_GEN_AI_INPUT_TOKENS, answer.usage.input_tokens)
-            span.set_attribute(ATTR_GEN_AI_OUTPUT_TOKENS, answer.usage.output_tokens)
-            span.set_attribute(ATTR_GEN_AI_FINISH_REASON, [answer.stop_reason or ""])
-            span.set_attribute(ATTR_COST_USD, answer.cost_usd)
+        attributes: dict[str, AttributeValue] = {
+            ATTR_GEN_AI_OPERATION: GEN_AI_OPERATION_CHAT, ATTR_GEN_AI_PROVIDER: GEN_AI_PROVIDER_ANTHROPIC,
+            ATTR_GEN_AI_SYSTEM: GEN_AI_PROVIDER_ANTHROPIC, ATTR_GEN_AI_REQUEST_MODEL: request.model,
+            ATTR_GEN_AI_REQUEST_MAX_TOKENS: request.max_tokens, ATTR_TASK: task.name,
+        }
+        with telemetry.tracer().start_as_current_span(SPAN_FRONTIER_CALL, attributes=attributes) as span:
+            try:
+                answer = self._call(request, price, task.frontier.structured_output is StructuredOutputMode.AUTO)
+            except FrontierError as exc:
+                _annotate_failure(span, exc)
+                raise
+            telemetry.annotate_gen_ai_response(usage=answer.usage, response_model=answer.model,
+                                               finish_reasons=[answer.stop_reason or ""],
+                                               response_id=answer.message_id, span=span)
+            if span.is_recording():
+                span.set_attributes({ATTR_COST_USD: answer.cost_usd, ATTR_PROVIDER_RETRIES: answer.provider_retries,
+                                     ATTR_RATELIMIT_WAIT_S: answer.limiter_wait_s})
             return answer
 
     def shape_for(self, task: Task) -> AnswerShape:
@@ -183,6 +201,7 @@ class FrontierExecutor:
                 raw = self._client.messages.with_raw_response.create(**request.create_kwargs())
                 message = raw.parse()
             except anthropic.APIStatusError as exc:
+                self._metrics.record_request(request.model, frontier_outcome(exc.status_code))
                 self._release(reservation)
                 if (auto_shape and request.shape is AnswerShape.NATIVE and exc.status_code == 400
                         and _refuses_native_output(exc) and not state.fallbacks):
@@ -197,9 +216,12 @@ class FrontierExecutor:
                 self._retry_or_give_up(state, exc.status_code, exc, _retry_after_s(exc.response.headers),
                                        exc.request_id)
             except anthropic.APIConnectionError as exc:
+                self._metrics.record_request(
+                    request.model, frontier_outcome(None, timed_out=isinstance(exc, anthropic.APITimeoutError)))
                 self._release(reservation)
                 self._retry_or_give_up(state, None, exc, None, None)
             else:
+                self._metrics.record_request(request.model, OUTCOME_OK)
                 if not isinstance(message, Message):  # a stream: never asked for
                     raise FrontierBadRequest("the API answered with a stream to a non-streaming request")
                 return self._answer(request, price, message, raw.headers, raw.request_id, reservation, state,
@@ -209,9 +231,16 @@ class FrontierExecutor:
         if self._limiter is None:
             return None
         try:
-            reservation = self._limiter.acquire(request.model, request.estimated_input_tokens(),
-                                                request.max_tokens)
+            with telemetry.tracer().start_as_current_span(SPAN_RATELIMIT_WAIT) as span:
+                try:
+                    reservation = self._limiter.acquire(request.model, request.estimated_input_tokens(),
+                                                        request.max_tokens)
+                except RateLimitTimeout as exc:
+                    span.set_attribute(ATTR_RATELIMIT_WAIT_S, exc.waited_s)
+                    raise
+                span.set_attribute(ATTR_RATELIMIT_WAIT_S, reservation.wait_s)
         except RateLimitTimeout as exc:
+            self._metrics.observe_ratelimit_wait(request.model, exc.waited_s)
             state.limiter_wait_s += exc.waited_s
             raise FrontierUnavailable(str(exc), retry_after_s=exc.retry_after_s, retries=tuple(state.retries),
                                       limiter_wait_s=state.limiter_wait_s) from exc
@@ -221,6 +250,7 @@ class FrontierExecutor:
             # Fail closed: without the shared limiter the pool could exceed the organisation's limits.
             raise FrontierUnavailable(f"shared rate limiter unreachable: {exc}", retries=tuple(state.retries),
                                       limiter_wait_s=state.limiter_wait_s) from exc
+        self._metrics.observe_ratelimit_wait(request.model, reservation.wait_s)
         state.limiter_wait_s += reservation.wait_s
         return reservation
 
@@ -268,11 +298,14 @@ class FrontierExecutor:
                 self._limiter.reconcile(reservation, usage.input_tokens + usage.cache_creation_input_tokens,
                                         usage.output_tokens)
         answer, parse_error = parse_answer(request, message)
+        cost_usd = price.cost_usd(usage)
+        # Every response is paid for, also one that validation rejects later.
+        self._metrics.record_usage(request.model, usage, cost_usd)
         return FrontierAnswer(
             answer=answer,
             usage=usage,
             model=message.model,
-            cost_usd=price.cost_usd(usage),
+            cost_usd=cost_usd,
             request_id=request_id,
             message_id=message.id,
             stop_reason=message.stop_reason,
@@ -283,6 +316,13 @@ class FrontierExecutor:
             simulated=headers.get(HEADER_FRONTIER_SIMULATOR) == "true",
             parse_error=parse_error,
         )
+
+
+def _annotate_failure(span: Span, exc: FrontierError) -> None:
+    if not span.is_recording():
+        return
+    span.set_attributes({ATTR_PROVIDER_RETRIES: len(exc.retries), ATTR_RATELIMIT_WAIT_S: exc.limiter_wait_s})
+    telemetry.record_error(exc.code, str(exc), span)
 
 
 def parse_answer(request: FrontierRequest, message: Message) -> tuple[Any, str | None]:

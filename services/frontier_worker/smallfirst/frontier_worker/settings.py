@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
 
-from smallfirst.common.constants import DEFAULT_FRONTIER_SIM_PORT
+from smallfirst.common.constants import DEFAULT_FRONTIER_SIM_PORT, DEFAULT_METRICS_PORT_FRONTIER_WORKER
 from smallfirst.common.settings import CoreSettings
 from smallfirst.frontier_worker.client import build_executor
 from smallfirst.frontier_worker.ratelimit import RateLimit
@@ -32,6 +32,11 @@ class FrontierWorkerSettings(CoreSettings):
     # Another Messages-API endpoint (a gateway, or the simulator with a key); None: Anthropic's.
     frontier_base_url: str | None = None
     frontier_sim_url: str = f"http://127.0.0.1:{DEFAULT_FRONTIER_SIM_PORT}"
+
+    # Threads per worker process: jobs in flight at once (each mostly waits on the provider).
+    concurrency: int = Field(default=16, gt=0)
+    # Prometheus metrics of this process (job transitions, provider calls, tokens, cost); 0: none.
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT_FRONTIER_WORKER, ge=0, le=65535)
 
     # ---- Retries (the SDK's own are off, so each retry is counted once) -----------------------
     # Provider calls per job attempt, the first included.

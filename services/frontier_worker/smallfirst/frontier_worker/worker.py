@@ -10,6 +10,7 @@ from celery import Celery
 from celery import Task as CeleryTask
 
 from smallfirst.common import constants as k
+from smallfirst.common import telemetry
 from smallfirst.common.delivery import register_webhook_task
 from smallfirst.common.execution import AttemptContext, JobExecution
 from smallfirst.common.jobs import ErrorInfo, Tier
@@ -52,7 +53,9 @@ class FrontierRuntime:
             except FrontierError as exc:
                 self.execution.fail(ctx, error=ErrorInfo(code=exc.code, message=str(exc)))
                 return
-            verdict = validate(ctx.task, answer.answer, None, ctx.job.input, tier=Tier.FRONTIER)
+            with telemetry.validation_span(Tier.FRONTIER.value) as span:
+                verdict = validate(ctx.task, answer.answer, None, ctx.job.input, tier=Tier.FRONTIER)
+                telemetry.annotate_verdict(verdict, span)
             if verdict.passed:
                 self.execution.succeed(ctx, answer=answer.answer, confidence=None, usage=answer.usage,
                                        cost_usd=answer.cost_usd, verdict=verdict)
@@ -82,12 +85,15 @@ def make_worker_app(settings: FrontierWorkerSettings) -> Celery:
     @app.task(name=k.TASK_RUN_FRONTIER, bind=True)
     def run_frontier(self: CeleryTask, job_id: str) -> None:
         try:
-            runtime.get().run(job_id, self.request.id)
+            with telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=Tier.FRONTIER.value):
+                runtime.get().run(job_id, self.request.id)
         except RETRYABLE_ERRORS as exc:
             log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
             raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
 
     # This pool also consumes the webhooks queue (constants.POOL_QUEUES).
     register_webhook_task(app, settings)
-    install_pool_runtime(app, settings, k.POOL_FRONTIER, Lazy(lambda: runtime.get().execution))
+    # httpx: the webhook deliveries' client spans (the anthropic SDK traces its own calls).
+    install_pool_runtime(app, settings, k.POOL_FRONTIER, Lazy(lambda: runtime.get().execution),
+                         metrics_port=settings.metrics_port, instrument=[telemetry.instrument_httpx])
     return app

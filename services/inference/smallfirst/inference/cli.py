@@ -6,7 +6,6 @@ Options override the SMALLFIRST_INFERENCE_* environment; vLLM is imported only w
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from pydantic import ValidationError
 @click.option("--load-format", help='"dummy" for random weights (the tiny model).')
 @click.option("--kv-cache-space-gib", type=float, help="Explicit KV-cache size.")
 @click.option("--max-num-seqs", type=int, help="Sequences batched per engine step.")
+@click.option("--max-num-batched-tokens", type=int, help="Tokens scheduled per engine step.")
+@click.option("--engine-metrics/--no-engine-metrics", default=None, help="Serve vLLM's own vllm:* metrics.")
 @click.option("--enforce-eager/--no-enforce-eager", default=None, help="Skip torch.compile (faster start).")
 @click.option("--host", help="Listen address (default 0.0.0.0).")
 @click.option("--port", type=int, help="gRPC port (default 50051).")
@@ -40,9 +41,9 @@ def command(**options: Any) -> None:
         settings = InferenceSettings(**overrides)
     except ValidationError as exc:
         raise click.UsageError(str(exc)) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from smallfirst.common import constants, telemetry
+
+    telemetry.configure_logging(constants.SERVICE_INFERENCE, settings.log_level, json=settings.log_json)
     # Imported here: vLLM takes seconds to import and only this command needs it.
     from smallfirst.inference.server import build_server
 

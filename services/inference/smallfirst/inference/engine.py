@@ -164,7 +164,7 @@ def engine_args(settings: InferenceSettings) -> AsyncEngineArgs:
         "enforce_eager": settings.enforce_eager,
         "seed": settings.seed,
         # The engine's own Prometheus metrics (vllm:*) are served next to ours.
-        "disable_log_stats": False,
+        "disable_log_stats": not settings.engine_metrics,
         "enable_log_requests": False,
     }
     if settings.max_model_len is not None:
@@ -173,6 +173,8 @@ def engine_args(settings: InferenceSettings) -> AsyncEngineArgs:
         kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_space_gib * 2**30)
     if settings.max_num_seqs is not None:
         kwargs["max_num_seqs"] = settings.max_num_seqs
+    if settings.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = settings.max_num_batched_tokens
     return AsyncEngineArgs(**kwargs)
 
 

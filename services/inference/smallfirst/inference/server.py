@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from smallfirst.common import constants
+from smallfirst.common import constants, telemetry
+from smallfirst.common.constants import SERVICE_INFERENCE
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from smallfirst.inference.engine import VllmEngine
@@ -50,18 +51,11 @@ def grpc_server_options(settings: InferenceSettings) -> list[tuple[str, Any]]:
         # engine requests aborted) instead of generating for nobody.
         ("grpc.keepalive_time_ms", 2 * constants.GRPC_KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", constants.GRPC_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        # Two servers on one port would split the calls silently; fail to bind instead.
         ("grpc.so_reuseport", 0),
     ]
-
-
-def instrument_server() -> None:
-    """Trace every gRPC call with OpenTelemetry; must run before the grpc.aio server is created.
-
-    The tracer provider and exporter are whatever the process configured globally (OTEL_* env).
-    """
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
-
-    GrpcAioInstrumentorServer().instrument()
 
 
 class InferenceServer:
@@ -81,8 +75,8 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        if settings.tracing_enabled:
-            instrument_server()
+        # Tracing is on only when the OTEL_* variables say so; off, nothing is installed.
+        telemetry.configure_telemetry(SERVICE_INFERENCE)
 
         log.info("starting the engine for %s (%s)", settings.model_name, settings.model_path)
         engine = VllmEngine.start(settings)
@@ -106,7 +100,8 @@ class InferenceServer:
         admission = Admission()
         health = HealthServicer()
         server = grpc.aio.server(
-            options=grpc_server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_requests
+            interceptors=telemetry.grpc_server_interceptors(),
+            options=grpc_server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_requests,
         )
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, admission, metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -87,7 +87,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             completion = await self._engine.generate(generation_request(request))
             self._count_tokens(completion.prompt_tokens, completion.completion_tokens)
             return generate_response(completion, self._engine.model_name)
-        raise AssertionError("unreachable: _call aborts or re-raises")  # pragma: no cover
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -113,7 +112,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 usage=pb.Usage(prompt_tokens=batch.prompt_tokens),
                 model=self._engine.model_name,
             )
-        raise AssertionError("unreachable: _call aborts or re-raises")  # pragma: no cover
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import redis
 
+from smallfirst.common import constants as k
+from smallfirst.common import telemetry
 from smallfirst.common.catalog import ChoiceValidator, Task, TaskKind
 from smallfirst.common.jobs import Usage
 from smallfirst.common.prompts import render_prompt
@@ -104,7 +106,10 @@ class SmallTierExecutor:
         model = task.small.model
         text = "\n".join(job_input[name] for name in task.input_fields)
         # A classification reads the start of a long message; the rest is cut, not refused.
-        embedded = self._client.embed(model, [text], truncate=True, timeout_s=task.small.timeout_s)
+        with telemetry.gen_ai_span(k.GEN_AI_OPERATION_EMBEDDINGS, k.GEN_AI_PROVIDER_SMALLFIRST, model):
+            embedded = self._client.embed(model, [text], truncate=True, timeout_s=task.small.timeout_s)
+            telemetry.annotate_gen_ai_response(usage=Usage(input_tokens=embedded.prompt_tokens),
+                                               response_model=embedded.model)
         query = embedded.vectors[0]
         index = self._labels.get(model, task.labels, dimensions=int(query.shape[0]))
         probabilities = softmax(index.label_scores(query), self._temperature)
@@ -156,14 +161,19 @@ class SmallTierExecutor:
         prompt = render_prompt(task, job_input)
         messages = [("system", prompt.system)] if prompt.system.strip() else []
         messages.append(("user", prompt.user))
-        return self._client.generate(
-            model,
-            messages=messages,
-            temperature=task.small.temperature,
-            max_tokens=max_tokens,
-            constraint=constraint,
-            timeout_s=task.small.timeout_s,
-        )
+        with telemetry.gen_ai_span(k.GEN_AI_OPERATION_CHAT, k.GEN_AI_PROVIDER_SMALLFIRST, model, max_tokens=max_tokens):
+            generation = self._client.generate(
+                model,
+                messages=messages,
+                temperature=task.small.temperature,
+                max_tokens=max_tokens,
+                constraint=constraint,
+                timeout_s=task.small.timeout_s,
+            )
+            telemetry.annotate_gen_ai_response(
+                usage=Usage(input_tokens=generation.prompt_tokens, output_tokens=generation.completion_tokens),
+                response_model=generation.model, finish_reasons=[generation.finish_reason])
+        return generation
 
 
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:

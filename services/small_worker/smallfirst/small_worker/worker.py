@@ -16,6 +16,7 @@ from celery import Task as CeleryTask
 from pydantic import Field
 
 from smallfirst.common import constants as k
+from smallfirst.common import telemetry
 from smallfirst.common.catalog import Task
 from smallfirst.common.execution import JobExecution
 from smallfirst.common.jobs import ErrorInfo, Tier
@@ -42,7 +43,8 @@ class SmallWorkerSettings(CoreSettings):
     inference_targets: dict[str, str]
     # Threads per worker process: jobs in flight at once (each waits on one inference call).
     concurrency: int = Field(default=32, gt=0)
-    metrics_port: int = k.DEFAULT_METRICS_PORT_SMALL_WORKER
+    # Prometheus metrics of this process (job transitions, escalations, latencies); 0: none.
+    metrics_port: int = Field(default=k.DEFAULT_METRICS_PORT_SMALL_WORKER, ge=0, le=65535)
     # Prices used to estimate what the frontier tier would have charged (savings reporting).
     prices_path: str | None = None
 
@@ -66,7 +68,9 @@ class SmallRuntime:
             else:
                 self.execution.escalate(ctx, reasons=[f"small_tier_error: {exc.code}: {exc}"], error=error)
             return
-        verdict = validate(ctx.task, answer.answer, answer.confidence, ctx.job.input)
+        with telemetry.validation_span(Tier.SMALL.value) as span:
+            verdict = validate(ctx.task, answer.answer, answer.confidence, ctx.job.input)
+            telemetry.annotate_verdict(verdict, span)
         estimate = self._estimate_frontier_cost(ctx.task, ctx.job.input, answer.answer)
         if verdict.passed:
             self.execution.succeed(ctx, answer=answer.answer, confidence=answer.confidence, usage=answer.usage,
@@ -106,10 +110,13 @@ def make_worker_app(settings: SmallWorkerSettings) -> Celery:
     @app.task(name=k.TASK_RUN_SMALL, bind=True)
     def run_small(self: CeleryTask, job_id: str) -> None:
         try:
-            runtime.get().run(job_id, self.request.id)
+            with telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=Tier.SMALL.value):
+                runtime.get().run(job_id, self.request.id)
         except RETRYABLE_ERRORS as exc:
             log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
             raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
 
-    install_pool_runtime(app, settings, k.POOL_SMALL, Lazy(lambda: runtime.get().execution))
+    # gRPC client spans carry the trace to the inference service; its channels are created after this runs.
+    install_pool_runtime(app, settings, k.POOL_SMALL, Lazy(lambda: runtime.get().execution),
+                         metrics_port=settings.metrics_port, instrument=[telemetry.instrument_grpc_client])
     return app
