@@ -9,16 +9,18 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import redis
 from celery import Celery, signals
+from celery import Task as CeleryTask
 
 from smallfirst.common import constants as k
 from smallfirst.common import telemetry
 from smallfirst.common.catalog import load_catalog
 from smallfirst.common.execution import JobExecution
+from smallfirst.common.jobs import Tier
 from smallfirst.common.metrics import start_metrics_server
 from smallfirst.common.queues import Publisher
 from smallfirst.common.runtime import HeartbeatStep, Sweeper, SweeperThread
@@ -122,3 +124,21 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, executi
             thread.stop()
         for server in metrics_servers:
             server.shutdown()
+
+
+class JobRunner(Protocol):
+    def run(self, job_id: str, task_id: str) -> None: ...
+
+
+def register_job_task(app: Celery, name: str, tier: Tier, runner: Callable[[], JobRunner]) -> None:
+    """The Celery task that runs one delivery of a job on `tier`. An infrastructure error gives the
+    message back with a backoff instead of failing the job, so a Redis restart loses nothing."""
+
+    @app.task(name=name, bind=True)
+    def run_job(self: CeleryTask, job_id: str) -> None:
+        try:
+            with telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=tier.value):
+                runner().run(job_id, self.request.id)
+        except RETRYABLE_ERRORS as exc:
+            log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
+            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc

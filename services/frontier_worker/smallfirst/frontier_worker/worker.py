@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 
 from celery import Celery
-from celery import Task as CeleryTask
 
 from smallfirst.common import constants as k
 from smallfirst.common import telemetry
@@ -16,13 +15,7 @@ from smallfirst.common.execution import AttemptContext, JobExecution
 from smallfirst.common.jobs import ErrorInfo, Tier
 from smallfirst.common.queues import make_celery
 from smallfirst.common.validation import validate
-from smallfirst.common.worker_app import (
-    RETRYABLE_ERRORS,
-    Lazy,
-    build_execution,
-    install_pool_runtime,
-    retry_countdown_s,
-)
+from smallfirst.common.worker_app import Lazy, build_execution, install_pool_runtime, register_job_task
 from smallfirst.frontier_worker.executor import EscalationContext, FrontierError, FrontierExecutor
 from smallfirst.frontier_worker.settings import FrontierWorkerSettings, build_executor
 
@@ -82,14 +75,7 @@ def make_worker_app(settings: FrontierWorkerSettings) -> Celery:
 
     runtime: Lazy[FrontierRuntime] = Lazy(build)
 
-    @app.task(name=k.TASK_RUN_FRONTIER, bind=True)
-    def run_frontier(self: CeleryTask, job_id: str) -> None:
-        try:
-            with telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=Tier.FRONTIER.value):
-                runtime.get().run(job_id, self.request.id)
-        except RETRYABLE_ERRORS as exc:
-            log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
-            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
+    register_job_task(app, k.TASK_RUN_FRONTIER, Tier.FRONTIER, runtime.get)
 
     # This pool also consumes the webhooks queue (constants.POOL_QUEUES).
     register_webhook_task(app, settings)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import redis
 from celery import Celery
-from celery import Task as CeleryTask
 from pydantic import Field
 
 from smallfirst.common import constants as k
@@ -25,13 +24,7 @@ from smallfirst.common.prompts import estimate_frontier_usage
 from smallfirst.common.queues import make_celery
 from smallfirst.common.settings import CoreSettings
 from smallfirst.common.validation import validate
-from smallfirst.common.worker_app import (
-    RETRYABLE_ERRORS,
-    Lazy,
-    build_execution,
-    install_pool_runtime,
-    retry_countdown_s,
-)
+from smallfirst.common.worker_app import Lazy, build_execution, install_pool_runtime, register_job_task
 from smallfirst.small_worker.executor import SmallTierExecutor
 from smallfirst.small_worker.inference_client import InferenceClient, InferenceError
 
@@ -107,14 +100,7 @@ def make_worker_app(settings: SmallWorkerSettings) -> Celery:
     app = make_celery(settings)
     runtime: Lazy[SmallRuntime] = Lazy(lambda: build_runtime(settings, app))
 
-    @app.task(name=k.TASK_RUN_SMALL, bind=True)
-    def run_small(self: CeleryTask, job_id: str) -> None:
-        try:
-            with telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=Tier.SMALL.value):
-                runtime.get().run(job_id, self.request.id)
-        except RETRYABLE_ERRORS as exc:
-            log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
-            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
+    register_job_task(app, k.TASK_RUN_SMALL, Tier.SMALL, runtime.get)
 
     # gRPC client spans carry the trace to the inference service; its channels are created after this runs.
     install_pool_runtime(app, settings, k.POOL_SMALL, Lazy(lambda: runtime.get().execution),
