@@ -41,9 +41,7 @@ class ApiSettings(CoreSettings):
     # A request that holds a key dies with its process; the key is free again after this long.
     idempotency_in_flight_ttl_s: int = Field(default=60, gt=0)
 
-    # ---- callbacks ------------------------------------------------------------------------------
-    # Operator switch: let callbacks reach loopback and private addresses (dev stacks, tests).
-    allow_private_callbacks: bool = False
+    # Callbacks: `allow_private_callbacks` comes from CoreSettings, shared with the delivering workers.
 
     # ---- storing and publishing ----------------------------------------------------------------
     # Submissions arriving together are stored in one transaction of at most this many jobs

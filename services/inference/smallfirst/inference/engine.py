@@ -62,6 +62,15 @@ class EngineFailedError(InferenceError):
     """The engine failed this one request but is still alive."""
 
 
+def engine_error(exc: EngineDeadError | VLLMClientError | EngineGenerateError) -> InferenceError:
+    """The typed error of this module that a vLLM exception stands for."""
+    if isinstance(exc, EngineDeadError):
+        return EngineUnavailableError("the inference engine is dead")
+    if isinstance(exc, VLLMClientError):
+        return InvalidRequestError(str(exc))
+    return EngineFailedError(f"the engine failed the request: {exc.__cause__ or exc}")
+
+
 class ModelKind(StrEnum):
     GENERATE = "generate"
     EMBED = "embed"
@@ -261,12 +270,8 @@ class VllmEngine:
                 chunk.completion_tokens = completion_tokens
                 if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
                     yield chunk
-        except EngineDeadError as exc:
-            raise EngineUnavailableError("the inference engine is dead") from exc
-        except VLLMClientError as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        except EngineGenerateError as exc:
-            raise EngineFailedError(f"the engine failed the request: {exc.__cause__ or exc}") from exc
+        except (EngineDeadError, VLLMClientError, EngineGenerateError) as exc:
+            raise engine_error(exc) from exc
 
     def _chunk(self, output: RequestOutput, request: GenerationRequest) -> GenerationChunk:
         completion = output.outputs[0]
@@ -379,12 +384,8 @@ class VllmEngine:
             outputs = await asyncio.gather(*(
                 self._embed_one(ids, f"{base_id}-{index}") for index, ids in enumerate(token_ids)
             ))
-        except EngineDeadError as exc:
-            raise EngineUnavailableError("the inference engine is dead") from exc
-        except VLLMClientError as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        except EngineGenerateError as exc:
-            raise EngineFailedError(f"the engine failed the request: {exc.__cause__ or exc}") from exc
+        except (EngineDeadError, VLLMClientError, EngineGenerateError) as exc:
+            raise engine_error(exc) from exc
         vectors = np.stack([output.outputs.data.float().numpy() for output in outputs]).astype(np.float32)
         # Normalized here whatever the model's pooler does, so a dot product is the cosine.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
