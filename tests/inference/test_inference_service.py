@@ -131,10 +131,12 @@ def test_stream_deltas_add_up_to_the_unary_completion(generator_server: Inferenc
         whole = client.generate(GENERATOR_MODEL, prompt=prompt, temperature=0.0, max_tokens=24, logprobs=2)
         deltas = list(client.generate_stream(GENERATOR_MODEL, prompt=prompt, temperature=0.0, max_tokens=24,
                                              logprobs=2))
+        # decoded once at the end by the server, not step by step by vLLM
+        plain = client.generate(GENERATOR_MODEL, prompt=prompt, temperature=0.0, max_tokens=24)
 
     # then
     assert len(deltas) > 1
-    assert "".join(d.text for d in deltas) == whole.text
+    assert "".join(d.text for d in deltas) == whole.text == plain.text
     assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
     assert deltas[-1].finish_reason == whole.finish_reason == "length"
     assert deltas[-1].completion_tokens == whole.completion_tokens == 24
@@ -186,7 +188,10 @@ def test_cancelled_stream_aborts_its_engine_request(generator_server: InferenceS
         stream.close()
 
         # then: the engine dropped the request, which never completed (no tokens counted)
-        wait_until(lambda: engine_idle(generator_server), 30, "the engine to drop the cancelled request")
+        # (the call's own bookkeeping runs just after the engine dropped the request)
+        wait_until(lambda: engine_idle(generator_server)
+                   and generator_server.metric("smallfirst_inference_aborted_requests_total") > aborted_before,
+                   30, "the engine to drop the cancelled request")
     assert generator_server.metric("smallfirst_inference_aborted_requests_total") == aborted_before + 1
     assert generator_server.metric("smallfirst_inference_requests_total", method="GenerateStream",
                                    code="CANCELLED") >= 1

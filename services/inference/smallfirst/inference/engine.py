@@ -12,10 +12,12 @@ cancelled (the gRPC call was cancelled or its deadline passed), vLLM aborts the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator, Sequence
+import os
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -23,9 +25,10 @@ from typing import Any
 import jinja2
 import jsonschema
 import numpy as np
+from vllm import envs as vllm_envs
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.inputs import TokensPrompt
+from vllm.inputs import tokens_input
 from vllm.outputs import PoolingRequestOutput, RequestOutput
 from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -33,6 +36,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from smallfirst.inference.settings import InferenceSettings
+from smallfirst.inference.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +201,7 @@ class VllmEngine:
         self.model_name = model_name
         self.kind = kind
         self.max_context_tokens = int(llm.model_config.max_model_len)
+        self._prompts = PromptTokenizer(self._tokenizer, self.max_context_tokens)
         self._default_max_tokens = default_max_tokens
         self._max_embed_batch = max_embed_batch
         self._embedding_dimensions = 0
@@ -205,6 +210,11 @@ class VllmEngine:
     def start(cls, settings: InferenceSettings) -> VllmEngine:
         """Start the engine (its core runs in a child process); takes seconds to minutes."""
         llm = AsyncLLM.from_engine_args(engine_args(settings))
+        # vLLM reads its VLLM_* variables from os.environ on every access unless told to cache
+        # them; its engine core and workers turn the cache on once started, its front end does
+        # not, and the per-token statistics read one for every output (a tenth of the front
+        # end's CPU with many short requests in flight).
+        vllm_envs.enable_envs_cache()
         kind = ModelKind.EMBED if llm.model_config.runner_type == "pooling" else ModelKind.GENERATE
         return cls(llm, settings.model_name, kind, settings.default_max_tokens, settings.max_embed_batch)
 
@@ -243,10 +253,12 @@ class VllmEngine:
             logprobs=last.logprobs,
         )
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         return self._generate(request, RequestOutputKind.DELTA)
 
-    async def _generate(self, request: GenerationRequest, kind: RequestOutputKind) -> AsyncIterator[GenerationChunk]:
+    async def _generate(
+        self, request: GenerationRequest, kind: RequestOutputKind
+    ) -> AsyncGenerator[GenerationChunk, None]:
         self._require(ModelKind.GENERATE)
         prompt_ids = await self._prompt_ids(request)
         room = self.max_context_tokens - len(prompt_ids)
@@ -259,21 +271,26 @@ class VllmEngine:
         request_id = _engine_request_id(request.request_id)
         completion_tokens = 0
         try:
-            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
-                chunk = self._chunk(output, request)
-                completion_tokens = (
-                    completion_tokens + chunk.completion_tokens
-                    if kind is RequestOutputKind.DELTA
-                    else chunk.completion_tokens
-                )
-                chunk.prompt_tokens = len(prompt_ids)
-                chunk.completion_tokens = completion_tokens
-                if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
-                    yield chunk
+            # A rendered token input goes to the engine as is; a TokensPrompt would be processed
+            # again in vLLM's thread pool, a thread hop per call for nothing.
+            # Closed explicitly: a call closed at our `yield` (a cancelled stream) aborts the
+            # engine request at once, not when the garbage collector finalizes the generator.
+            async with aclosing(self._llm.generate(tokens_input(prompt_ids), params, request_id)) as outputs:
+                async for output in outputs:
+                    chunk = self._chunk(output, request, params)
+                    completion_tokens = (
+                        completion_tokens + chunk.completion_tokens
+                        if kind is RequestOutputKind.DELTA
+                        else chunk.completion_tokens
+                    )
+                    chunk.prompt_tokens = len(prompt_ids)
+                    chunk.completion_tokens = completion_tokens
+                    if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
+                        yield chunk
         except (EngineDeadError, VLLMClientError, EngineGenerateError) as exc:
             raise engine_error(exc) from exc
 
-    def _chunk(self, output: RequestOutput, request: GenerationRequest) -> GenerationChunk:
+    def _chunk(self, output: RequestOutput, request: GenerationRequest, params: SamplingParams) -> GenerationChunk:
         completion = output.outputs[0]
         finish: FinishReason | None = None
         if output.finished:
@@ -291,7 +308,7 @@ class VllmEngine:
                 for token_id, alternatives in zip(completion.token_ids, completion.logprobs, strict=False)
             ]
         return GenerationChunk(
-            text=completion.text,
+            text=completion.text if params.detokenize else self._prompts.decode(completion.token_ids),
             logprobs=logprobs,
             finish_reason=finish,
             completion_tokens=len(completion.token_ids),
@@ -331,9 +348,8 @@ class VllmEngine:
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) <= _INLINE_TOKENIZE_MAX_CHARS:
-            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
-        ids = await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=add_special_tokens)
-        return list(ids)
+            return self._prompts.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self._prompts.encode, text, add_special_tokens)
 
     def _sampling_params(self, request: GenerationRequest, room: int, kind: RequestOutputKind) -> SamplingParams:
         if not 0.0 <= request.temperature <= 2.0:
@@ -360,7 +376,18 @@ class VllmEngine:
             logprobs=request.logprobs,
             structured_outputs=_structured_outputs(request.constraint),
             output_kind=kind,
+            detokenize=self._needs_engine_detokenizer(request, kind),
+            # Made for this one request and never reused: vLLM's defensive deep copy of it
+            # (per call, in the front end's thread) buys nothing here.
+            skip_clone=True,
         )
+
+    def _needs_engine_detokenizer(self, request: GenerationRequest, kind: RequestOutputKind) -> bool:
+        # vLLM detokenizes every request at every engine step, which only streaming, stop strings
+        # and logprobs' token texts need; otherwise the answer is decoded once at the end (the
+        # same text: vLLM's fast detokenizer is the same Rust tokenizer's decode stream).
+        return (kind is RequestOutputKind.DELTA or bool(request.stop) or request.logprobs is not None
+                or not self._prompts.uses_rust_tokenizer)
 
     # ---- embeddings -----------------------------------------------------------------------------
     async def embed(self, texts: Sequence[str], truncate: bool, request_id: str = "") -> EmbeddingBatch:
@@ -395,7 +422,7 @@ class VllmEngine:
     async def _embed_one(self, token_ids: list[int], request_id: str) -> PoolingRequestOutput:
         final: PoolingRequestOutput | None = None
         async for output in self._llm.encode(
-            TokensPrompt(prompt_token_ids=token_ids), PoolingParams(task="embed"), request_id
+            tokens_input(token_ids), PoolingParams(task="embed"), request_id
         ):
             final = output
         if final is None or not final.finished:
@@ -403,18 +430,9 @@ class VllmEngine:
         return final
 
     async def _encode_batch(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
-        def encode() -> list[list[int]]:
-            encoded = self._tokenizer(
-                list(texts),
-                add_special_tokens=True,
-                truncation=truncate,
-                max_length=self.max_context_tokens if truncate else None,
-            )
-            return [list(ids) for ids in encoded["input_ids"]]
-
         if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_MAX_CHARS:
-            return encode()
-        return await asyncio.to_thread(encode)
+            return self._prompts.encode_batch(texts, truncate)
+        return await asyncio.to_thread(self._prompts.encode_batch, texts, truncate)
 
     def _require(self, kind: ModelKind) -> None:
         if self.kind is not kind:
@@ -449,7 +467,12 @@ def _structured_outputs(constraint: Constraint | None) -> StructuredOutputsParam
     return StructuredOutputsParams(choice=list(constraint.choices))
 
 
+# One engine per process: the pid and a counter make ids unique for its whole life, for less
+# than a uuid4 costs per call.
+_REQUEST_SERIAL = itertools.count()
+
+
 def _engine_request_id(caller_id: str) -> str:
     # Unique even when a caller reuses its id (a retried job): the engine refuses duplicate ids.
-    suffix = uuid.uuid4().hex[:12]
+    suffix = f"{os.getpid():x}-{next(_REQUEST_SERIAL):x}"
     return f"{caller_id[:64]}-{suffix}" if caller_id else suffix

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 
@@ -93,14 +93,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with self._call("GenerateStream", context):
             self._check_model(request.model)
-            async for chunk in self._engine.stream(generation_request(request)):
-                message = pb.GenerateStreamResponse(text=chunk.text, logprobs=_logprobs(chunk.logprobs))
-                if chunk.finish_reason is not None:
-                    message.finish_reason = _FINISH_REASONS[chunk.finish_reason]
-                    message.usage.prompt_tokens = chunk.prompt_tokens
-                    message.usage.completion_tokens = chunk.completion_tokens
-                    self._count_tokens(chunk.prompt_tokens, chunk.completion_tokens)
-                yield message
+            # Closed explicitly, so a cancelled call aborts its engine request now, not when the
+            # garbage collector finalizes the generators.
+            async with aclosing(self._engine.stream(generation_request(request))) as chunks:
+                async for chunk in chunks:
+                    message = pb.GenerateStreamResponse(text=chunk.text, logprobs=_logprobs(chunk.logprobs))
+                    if chunk.finish_reason is not None:
+                        message.finish_reason = _FINISH_REASONS[chunk.finish_reason]
+                        message.usage.prompt_tokens = chunk.prompt_tokens
+                        message.usage.completion_tokens = chunk.completion_tokens
+                        self._count_tokens(chunk.prompt_tokens, chunk.completion_tokens)
+                    yield message
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async with self._call("Embed", context):
@@ -150,8 +153,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if code is grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", method, exc)
             await context.abort(code, str(exc))
-        except asyncio.CancelledError:
-            # The call was cancelled or ran out of time; vLLM aborted the engine request.
+        except (asyncio.CancelledError, GeneratorExit):
+            # The call was cancelled or ran out of time; vLLM aborted the engine request. A stream
+            # cancelled while gRPC was sending one of its messages is not cancelled inside this
+            # generator: gRPC closes it afterwards, which raises GeneratorExit at its `yield`.
             remaining = context.time_remaining()
             code = (
                 grpc.StatusCode.DEADLINE_EXCEEDED
