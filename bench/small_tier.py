@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/small_tier.py [--texts 2000] [--prompts 1024] [--max-tokens 32]
         [--clients 64] [--gen-clients 512] [--rounds 3] [--only embedding|generation]
-        [--gen-hidden-size 128] [--gen-layers 2] [--dataset PATH]
+        [--gen-hidden-size 128] [--gen-layers 2] [--dataset PATH] [--server-arg=--engine-metrics ...]
 
 For each model, in one run on the same machine and with the same engine settings (dtype
 bfloat16, eager mode, 1 GiB of KV cache, 256 sequences and 4096 tokens per step):
 - offline: vLLM's `LLM` class in a process of its own, handed every input at once (`LLM.embed`,
   `LLM.generate`): the engine's best case, with no server in the way.
 - grpc: the inference service (`smallfirst inference`, a separate process, deployed defaults
-  otherwise, vLLM's own metrics on) called by many concurrent callers, one input per call, as the
-  small-tier workers call it. Two kinds of callers, in this process: grpc.aio coroutines
+  otherwise; `--server-arg` adds arguments) called by many concurrent callers, one input per call,
+  as the small-tier workers call it. Two kinds of callers, in this process: grpc.aio coroutines
   (`grpc_aio`), and threads sharing the workers' own sync `InferenceClient` (`grpc_threads`).
 The models: the bundled all-MiniLM-L6-v2 (embeddings, texts/s) and the tiny random-weight Llama
 written by `smallfirst make-tiny-model` (greedy text of `--max-tokens` tokens, generated tokens/s;
@@ -20,7 +20,10 @@ Both engines stay up for the whole run, idle between passes, and the passes alte
 aio, threads, offline, ...), so that each round's figures saw the same background load on a shared
 machine. Reported: the best round of each mode and their ratio, and the median of the per-round
 ratios. On a machine this small the callers share the CPUs with the server; the tiny generator
-does next to no arithmetic per token, so the service's per-call work weighs most there.
+does next to no arithmetic per token, so the service's per-call work weighs most there. So each
+mode also reports the CPU milliseconds per input spent by the engine's front-end process (the one
+holding `LLM` or `AsyncLLM`; offline it only tokenizes and collects outputs, the service also
+runs gRPC and one asyncio task per call) and by the callers (this process).
 
 It also reports the quality of embedding classification on the Banking77 texts (not the
 catalog's seed examples, which serve as the label texts as in the executor): accuracy, and for a
@@ -71,6 +74,38 @@ MAX_NUM_BATCHED_TOKENS = 4096
 # vLLM logs to stdout too; the child's result is the line carrying this mark.
 RESULT_MARK = "SMALL_TIER_OFFLINE_RESULT "
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+# After its last step an engine's core and worker keep polling their shared-memory queues for a
+# second (vLLM's SpinCondition, busy_loop_s=1) before they sleep: a pass that started at once would
+# share the CPUs with the engine that just finished. Every pass waits this long first.
+SETTLE_S = 2.0
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used, its threads included, its children not."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class CpuMeter:
+    """CPU used during one pass by the engine's front end (the process holding AsyncLLM or LLM,
+    not its engine-core and worker children) and by this process (the callers)."""
+
+    def __init__(self, front_end_pid: int) -> None:
+        self._pid = front_end_pid
+        self.front_end_s = self.callers_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._front_end0, self._callers0 = process_cpu_s(self._pid), own_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.front_end_s = process_cpu_s(self._pid) - self._front_end0
+        self.callers_s = own_cpu_s() - self._callers0
 
 
 def free_port() -> int:
@@ -224,17 +259,43 @@ def threads_pass(client: InferenceClient, work: list[Any], call: Any, clients: i
         return time.perf_counter() - started, results
 
 
-def summary(unit: str, rounds: dict[str, list[float]]) -> dict[str, Any]:
-    """Best round of each mode, their ratios, and the median of the per-round ratios (each round
-    runs offline and service back to back, so they saw the same background load)."""
-    best = {mode: max(rates) for mode, rates in rounds.items()}
-    out: dict[str, Any] = {"unit": unit, **{mode: round(rate, 1) for mode, rate in best.items()}}
-    for mode in ("grpc_aio", "grpc_threads"):
-        out[f"ratio_{mode}"] = round(best[mode] / best["offline"], 3)
-        paired = [g / o for g, o in zip(rounds[mode], rounds["offline"], strict=True)]
-        out[f"ratio_{mode}_median_paired"] = round(statistics.median(paired), 3)
-    out["rounds"] = {mode: [round(r, 1) for r in rates] for mode, rates in rounds.items()}
-    return out
+MODES = ("offline", "grpc_aio", "grpc_threads")
+
+
+class Rounds:
+    """Each mode's throughput per round, and the CPU its passes cost per input."""
+
+    def __init__(self, unit: str, inputs: int) -> None:
+        self.unit = unit
+        self.inputs = inputs
+        self.rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+        self.front_end_ms: dict[str, list[float]] = {mode: [] for mode in MODES}
+        self.callers_ms: dict[str, list[float]] = {mode: [] for mode in MODES}
+
+    def add(self, mode: str, rate: float, meter: CpuMeter) -> None:
+        time.sleep(SETTLE_S)  # before the next pass, whichever it is
+        self.rates[mode].append(rate)
+        self.front_end_ms[mode].append(meter.front_end_s / self.inputs * 1e3)
+        self.callers_ms[mode].append(meter.callers_s / self.inputs * 1e3)
+
+    def summary(self) -> dict[str, Any]:
+        """Best round of each mode, their ratios, and the median of the per-round ratios (each round
+        runs offline and service back to back, so they saw the same background load). Also the
+        median CPU milliseconds per input of the engine's front-end process and of the callers:
+        on a machine this small they share the cores with the engine, so they explain the ratio."""
+        best = {mode: max(rates) for mode, rates in self.rates.items()}
+        out: dict[str, Any] = {"unit": self.unit, **{mode: round(rate, 1) for mode, rate in best.items()}}
+        for mode in ("grpc_aio", "grpc_threads"):
+            out[f"ratio_{mode}"] = round(best[mode] / best["offline"], 3)
+            paired = [g / o for g, o in zip(self.rates[mode], self.rates["offline"], strict=True)]
+            out[f"ratio_{mode}_median_paired"] = round(statistics.median(paired), 3)
+        out["rounds"] = {mode: [round(r, 1) for r in rates] for mode, rates in self.rates.items()}
+        out["cpu_ms_per_input"] = {
+            mode: {"front_end": round(statistics.median(self.front_end_ms[mode]), 3),
+                   "callers": round(statistics.median(self.callers_ms[mode]), 3)}
+            for mode in MODES
+        }
+        return out
 
 
 # ---- classification quality -----------------------------------------------------------------------
@@ -280,6 +341,8 @@ def main() -> None:
     parser.add_argument("--gen-hidden-size", type=int, default=TinyModelShape.hidden_size,
                         help="a wider generator (heads of 64) to see the ratio when compute weighs more")
     parser.add_argument("--gen-layers", type=int, default=TinyModelShape.num_hidden_layers)
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="an extra `smallfirst inference` argument (repeatable): --server-arg=--engine-metrics")
     args = parser.parse_args()
 
     from smallfirst.inference.models import bundled_embedding_model_path
@@ -325,58 +388,68 @@ def run_embedding(args: argparse.Namespace, result: dict[str, Any], embed_path: 
     """Offline and service alive together, their passes alternating."""
     print(f"embedding: {len(texts)} texts, {args.rounds} rounds", flush=True)
     offline = Offline("embed", embed_path, texts, 0, workdir)
-    server = Server(embed_path, EMBED_MODEL, workdir)
+    server = Server(embed_path, EMBED_MODEL, workdir, *args.server_arg)
     client = InferenceClient({EMBED_MODEL: server.target}, default_timeout_s=300)
     embed_requests = [pb.EmbedRequest(model=EMBED_MODEL, texts=[t]) for t in texts]
+    rounds = Rounds("texts/s", len(texts))
     try:
         asyncio.run(aio_pass(server.target, embed_requests[:256], "Embed", args.clients))
-        rounds: dict[str, list[float]] = {"offline": [], "grpc_aio": [], "grpc_threads": []}
+        time.sleep(SETTLE_S)
         responses: list[Any] = []
         for _ in range(args.rounds):
-            rounds["offline"].append(len(texts) / offline.run()["seconds"])
-            seconds, responses = asyncio.run(aio_pass(server.target, embed_requests, "Embed", args.clients))
-            rounds["grpc_aio"].append(len(texts) / seconds)
-            seconds, _ = threads_pass(client, texts, lambda t: client.embed(EMBED_MODEL, [t]), args.clients)
-            rounds["grpc_threads"].append(len(texts) / seconds)
+            with CpuMeter(offline.process.pid) as meter:
+                seconds = offline.run()["seconds"]
+            rounds.add("offline", len(texts) / seconds, meter)
+            with CpuMeter(server.process.pid) as meter:
+                seconds, responses = asyncio.run(aio_pass(server.target, embed_requests, "Embed", args.clients))
+            rounds.add("grpc_aio", len(texts) / seconds, meter)
+            with CpuMeter(server.process.pid) as meter:
+                seconds, _ = threads_pass(client, texts, lambda t: client.embed(EMBED_MODEL, [t]), args.clients)
+            rounds.add("grpc_threads", len(texts) / seconds, meter)
         vectors = np.array([list(r.embeddings[0].values) for r in responses], dtype=np.float32)
         quality = classify_quality(vectors, intents, client)
     finally:
         client.close()
         server.stop()
         offline.stop()
-    result["embedding"] = summary("texts/s", rounds)
+    result["embedding"] = rounds.summary()
     result["classification"] = quality
     print(f"embedding: {result['embedding']}", flush=True)
-
 
 
 def run_generation(args: argparse.Namespace, result: dict[str, Any], gen_path: Path, prompts: list[str],
                    workdir: Path) -> None:
     print(f"generation: {len(prompts)} prompts x {args.max_tokens} tokens, {args.rounds} rounds", flush=True)
     offline = Offline("generate", gen_path, prompts, args.max_tokens, workdir)
-    server = Server(gen_path, GEN_MODEL, workdir, "--load-format", "dummy", "--max-model-len", "4096")
+    server = Server(gen_path, GEN_MODEL, workdir, "--load-format", "dummy", "--max-model-len", "4096",
+                    *args.server_arg)
     client = InferenceClient({GEN_MODEL: server.target}, default_timeout_s=300)
     sampling = pb.SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     gen_requests = [pb.GenerateRequest(model=GEN_MODEL, prompt=p, sampling=sampling) for p in prompts]
+    rounds = Rounds("generated tokens/s", len(prompts))
     try:
         asyncio.run(aio_pass(server.target, gen_requests[:256], "Generate", args.gen_clients))
-        rounds: dict[str, list[float]] = {"offline": [], "grpc_aio": [], "grpc_threads": []}
+        time.sleep(SETTLE_S)
         for _ in range(args.rounds):
-            done = offline.run()
-            rounds["offline"].append(done["tokens"] / done["seconds"])
-            seconds, responses = asyncio.run(aio_pass(server.target, gen_requests, "Generate", args.gen_clients))
-            rounds["grpc_aio"].append(sum(r.usage.completion_tokens for r in responses) / seconds)
-            seconds, generations = threads_pass(
-                client, prompts,
-                lambda p: client.generate(GEN_MODEL, prompt=p, temperature=0.0, max_tokens=args.max_tokens),
-                args.gen_clients,
-            )
-            rounds["grpc_threads"].append(sum(g.completion_tokens for g in generations) / seconds)
+            with CpuMeter(offline.process.pid) as meter:
+                done = offline.run()
+            rounds.add("offline", done["tokens"] / done["seconds"], meter)
+            with CpuMeter(server.process.pid) as meter:
+                seconds, responses = asyncio.run(
+                    aio_pass(server.target, gen_requests, "Generate", args.gen_clients))
+            rounds.add("grpc_aio", sum(r.usage.completion_tokens for r in responses) / seconds, meter)
+            with CpuMeter(server.process.pid) as meter:
+                seconds, generations = threads_pass(
+                    client, prompts,
+                    lambda p: client.generate(GEN_MODEL, prompt=p, temperature=0.0, max_tokens=args.max_tokens),
+                    args.gen_clients,
+                )
+            rounds.add("grpc_threads", sum(g.completion_tokens for g in generations) / seconds, meter)
     finally:
         client.close()
         server.stop()
         offline.stop()
-    result["generation"] = summary("generated tokens/s", rounds)
+    result["generation"] = rounds.summary()
     print(f"generation: {result['generation']}", flush=True)
 
 

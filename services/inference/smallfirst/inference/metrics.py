@@ -1,8 +1,8 @@
 """Prometheus metrics of the inference server.
 
 Ours live in their own registry (so a test or a benchmark can build several servers in one
-process); the scrape endpoint serves them together with vLLM's own `vllm:*` metrics, which vLLM
-registers in prometheus_client's global registry.
+process); the scrape endpoint serves them together with vLLM's own `vllm:*` metrics when those
+are on (settings.engine_metrics), which vLLM registers in prometheus_client's global registry.
 """
 
 from __future__ import annotations

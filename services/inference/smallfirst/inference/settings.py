@@ -38,9 +38,12 @@ class InferenceSettings(BaseSettings):
     # (on CPU 128 and 2048, half of what its offline LLM class uses).
     max_num_seqs: int | None = Field(default=None, gt=0)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
-    # vLLM's own Prometheus metrics (vllm:*), served next to ours; they cost the front end a few
-    # per cent of CPU per generated token.
-    engine_metrics: bool = True
+    # vLLM's own Prometheus metrics (vllm:*: KV-cache use, time to first token, ...), served next
+    # to ours. Off by default: vLLM updates them for every request at every engine step in the
+    # front end's one Python thread, which measured 0.28 ms of CPU per short call (a fifth of
+    # the front end's work) with the tiny generator (bench/small_tier.py); the front end's CPU is
+    # what limits a small model's throughput. Ours (calls, tokens, engine backlog) stay on.
+    engine_metrics: bool = False
     # Skips torch.compile: starts in half the time on CPU, for development and tests.
     enforce_eager: bool = False
     seed: int = 0
