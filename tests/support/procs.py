@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+
+from smallfirst.cli.stack import Component, StackError, free_port
+
+__all__ = ["InfrastructureMissing", "ManagedProcess", "free_port", "python_argv", "require_binary", "wait_until"]
 
 
 class InfrastructureMissing(RuntimeError):
@@ -31,18 +31,6 @@ def require_binary(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
-
-
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -52,24 +40,18 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-class ManagedProcess:
-    """A child process whose output goes to a log file that is printed when a test fails."""
+class ManagedProcess(Component):
+    """A process of a test: the stack's own supervised `Component` (services/cli/.../stack.py),
+    with its log named after it in the test's log folder and a readiness condition given when
+    waiting. The log is printed when a test fails."""
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_dir / f"{name}.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name=name, argv=list(argv), env=dict(env or {}), log_path=log_dir / f"{name}.log",
+                         ready=lambda: True, cwd=cwd)
 
-    def start(self) -> ManagedProcess:
-        log = self.log_path.open("ab")
-        # A new session, so that stop() can signal the whole process group (Celery's pool children).
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.cwd, start_new_session=True)
-        log.close()
+    def start(self, wait: bool = False) -> ManagedProcess:
+        super().start(wait=wait)
         return self
 
     @property
@@ -77,55 +59,18 @@ class ManagedProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        def ready() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
-            return condition()
-
+    # The condition comes first, as the tests call it: not substitutable for Component's, on purpose.
+    def wait_ready(self, condition: Callable[[], bool] | None = None,  # type: ignore[override]
+                   timeout_s: float | None = None) -> None:
+        if condition is not None:
+            self.ready = condition
         try:
-            wait_until(ready, timeout_s, f"{self.name} to be ready")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.tail()}") from exc
-
-    def signal(self, sig: int, group: bool = True) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        if group:
-            os.killpg(self.proc.pid, sig)
-        else:
-            self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group: the crash a test wants to survive."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+            super().wait_ready(timeout_s)
+        except StackError as exc:
+            raise TimeoutError(str(exc)) from exc
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return f"({self.name}: no log)"
-        return f"--- last {lines} lines of {self.name} ---\n" + "\n".join(text[-lines:])
+        return super().stop(timeout_s)
 
 
 def python_argv(*args: str) -> list[str]:

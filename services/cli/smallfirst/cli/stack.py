@@ -55,13 +55,16 @@ class Component:
     log_path: Path
     ready: Callable[[], bool]
     ready_timeout_s: float = 60.0
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Component:
         with self.log_path.open("ab") as log:
+            # A new session, so that signals reach the whole process group (Celery's pool children,
+            # vLLM's engine core and workers).
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                                         start_new_session=True)
+                                         cwd=self.cwd, start_new_session=True)
         if wait:
             self.wait_ready()
         return self
@@ -79,11 +82,15 @@ class Component:
             time.sleep(0.2)
         raise StackError(f"{self.name} was not ready within {timeout_s or self.ready_timeout_s} s:\n{self.tail()}")
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = True) -> None:
+        """`sig` to the component and its children, or (`group=False`) to its main process alone."""
         if self.alive():
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
+                if group:
+                    os.killpg(self.proc.pid, sig)
+                else:
+                    self.proc.send_signal(sig)
 
     def kill(self) -> None:
         """SIGKILL to the component and its children: a crash, not a shutdown."""
@@ -93,15 +100,17 @@ class Component:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=15)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; the exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
 
     def restart(self, wait: bool = True) -> Component:
         self.stop()
