@@ -22,7 +22,7 @@ from smallfirst.common import constants as k
 from smallfirst.common.settings import CoreSettings
 from smallfirst.common.store import JobNotFound, JobStore
 from smallfirst.common.tenants import TenantNotFound, TenantRegistry
-from smallfirst.common.webhooks import CallbackUrlRefused, check_callback_url, signature_headers
+from smallfirst.common.webhooks import CallbackUrlRefused, Resolver, check_callback_url, signature_headers
 from smallfirst.common.worker_app import RETRYABLE_ERRORS, Lazy, retry_countdown_s
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,13 @@ def backoff_s(tries_done: int) -> float:
 
 class WebhookDelivery:
     def __init__(self, store: JobStore, tenants: TenantRegistry, http: httpx.Client, *, allow_private: bool,
-                 max_attempts: int) -> None:
+                 max_attempts: int, resolver: Resolver | None = None) -> None:
         self.store = store
         self.tenants = tenants
         self.http = http
         self.allow_private = allow_private
         self.max_attempts = max_attempts
+        self.resolver = resolver
 
     def deliver(self, job_id: str, tries_done: int) -> DeliveryOutcome:
         redis = self.store.redis
@@ -74,7 +75,8 @@ class WebhookDelivery:
             return DeliveryOutcome(DeliveryResult.NOTHING_TO_DO, detail="job has not ended or has no callback")
         try:
             # Checked again at send time: the name may resolve elsewhere than when the job was submitted.
-            check_callback_url(job.callback_url, self.allow_private or tenant.allow_private_callbacks)
+            addresses = check_callback_url(job.callback_url, self.allow_private or tenant.allow_private_callbacks,
+                                           resolver=self.resolver)
         except CallbackUrlRefused as exc:
             return self._give_up(job_id, tries_done + 1, f"refused: {exc}")
         body = json.dumps({"type": f"job.{job.status.value}", "timestamp": job.updated_at, "data": job.public()},
@@ -83,7 +85,7 @@ class WebhookDelivery:
         msg_id = f"msg_{job.id}"
         headers = {"content-type": "application/json", **signature_headers(tenant.webhook_secret, msg_id, body)}
         try:
-            response = self.http.post(job.callback_url, content=body.encode(), headers=headers)
+            response = self._post(job.callback_url, addresses, body.encode(), headers)
             status, detail = response.status_code, f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             status, detail = 0, f"{type(exc).__name__}: {exc}"
@@ -97,6 +99,25 @@ class WebhookDelivery:
         wait_s = backoff_s(tries_done)
         redis.zadd(k.WEBHOOK_OUTBOX_KEY, {job_id: time.time() + wait_s + OUTBOX_GRACE_S}, xx=True)
         return DeliveryOutcome(DeliveryResult.RETRY, retry_in_s=wait_s, detail=detail)
+
+    def _post(self, url: str, addresses: list[str], body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST to one of the addresses the URL check approved, not to whatever the name resolves
+        to a moment later (DNS rebinding: a public answer for the check, a private one for the
+        connection). The Host header and TLS (SNI, certificate) still use the URL's host name."""
+        if not addresses:  # private targets allowed: nothing was checked, nothing to pin
+            return self.http.post(url, content=body, headers=headers)
+        target = httpx.URL(url)
+        pinned_headers = {**headers, "host": target.netloc.decode("ascii")}
+        extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else None
+        refused: httpx.ConnectError | None = None
+        for address in addresses:
+            try:
+                return self.http.post(target.copy_with(host=address), content=body, headers=pinned_headers,
+                                      extensions=extensions)
+            except httpx.ConnectError as exc:  # the next address, as a resolver-driven client would
+                refused = exc
+        assert refused is not None
+        raise refused
 
     def _record(self, job_id: str, tries: int, status: int, detail: str) -> None:
         key = k.webhook_delivery_key(job_id)
