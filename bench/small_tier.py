@@ -1,6 +1,6 @@
 """Small-tier throughput: the same Banking77 inputs through vLLM offline and through the gRPC service.
 
-    .venv/bin/python bench/small_tier.py [--texts 2000] [--prompts 1024] [--max-tokens 32]
+    .venv/bin/python bench/small_tier.py [--texts 2000] [--prompts 1024] [--max-tokens 32] [--task-prompts 512]
         [--clients 64] [--gen-clients 512] [--rounds 3] [--only embedding|generation]
         [--gen-hidden-size 128] [--gen-layers 2] [--dataset PATH] [--server-arg=--engine-metrics ...]
 
@@ -13,8 +13,14 @@ bfloat16, eager mode, 1 GiB of KV cache, 256 sequences and 4096 tokens per step)
   as the small-tier workers call it. Two kinds of callers, in this process: grpc.aio coroutines
   (`grpc_aio`), and threads sharing the workers' own sync `InferenceClient` (`grpc_threads`).
 The models: the bundled all-MiniLM-L6-v2 (embeddings, texts/s) and the tiny random-weight Llama
-written by `smallfirst make-tiny-model` (greedy text of `--max-tokens` tokens, generated tokens/s;
-`--gen-hidden-size`/`--gen-layers` make it wider and deeper).
+written by `smallfirst make-tiny-model` (greedy, generated tokens/s; `--gen-hidden-size`/
+`--gen-layers` make it wider and deeper). Two generation workloads:
+- `generation`: the raw Banking77 texts as plain prompts, `--max-tokens` (32) tokens each: short
+  calls, so the per-call cost of a service weighs most (the worst case);
+- `generation_task`: what a small-tier generate job sends: the catalog's `email_summary` prompts
+  (system and user, rendered with the model's chat template; offline through `LLM.chat`) with
+  Banking77 messages as the emails, and the task's own max_tokens (128). Both sides' prompt token
+  counts are printed: equal, or the comparison is void.
 
 Both engines stay up for the whole run, idle between passes, and the passes alternate (offline,
 aio, threads, offline, ...), so that each round's figures saw the same background load on a shared
@@ -48,6 +54,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smallfirst.common.catalog import default_catalog_path, load_catalog
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from smallfirst.common.prompts import render_prompt
 from smallfirst.inference.tiny_model import TinyModelShape, write_tiny_model
 from smallfirst.small_worker.executor import DEFAULT_CLASSIFY_TEMPERATURE, softmax
 from smallfirst.small_worker.inference_client import InferenceClient
@@ -74,6 +83,9 @@ MAX_NUM_BATCHED_TOKENS = 4096
 # vLLM logs to stdout too; the child's result is the line carrying this mark.
 RESULT_MARK = "SMALL_TIER_OFFLINE_RESULT "
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+# The task workload: what a small-tier generate job sends (system and user prompts rendered from the
+# catalog, the task's own max_tokens), here with Banking77 messages as the emails.
+SUMMARY_TASK = "email_summary"
 # After its last step an engine's core and worker keep polling their shared-memory queues for a
 # second (vLLM's SpinCondition, busy_loop_s=1) before they sleep: a pass that started at once would
 # share the CPUs with the engine that just finished. Every pass waits this long first.
@@ -125,7 +137,7 @@ def offline_main(kind: str, model_path: str, inputs_path: str, max_tokens: int) 
     """Loads the model, then runs one timed pass over every input per `run` line read from stdin."""
     from vllm import LLM, SamplingParams
 
-    inputs: list[str] = json.loads(Path(inputs_path).read_text())
+    inputs: list[Any] = json.loads(Path(inputs_path).read_text())
     if kind == "embed":
         llm = LLM(model=model_path, runner="pooling", **engine_kwargs())
 
@@ -137,8 +149,12 @@ def offline_main(kind: str, model_path: str, inputs_path: str, max_tokens: int) 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
         def one_pass() -> dict[str, Any]:
-            outputs = llm.generate(inputs, params, use_tqdm=False)
-            return {"items": len(outputs), "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+            if kind == "chat":  # conversations, rendered with the model's chat template as the server does
+                outputs = llm.chat(inputs, params, use_tqdm=False)
+            else:
+                outputs = llm.generate(inputs, params, use_tqdm=False)
+            return {"items": len(outputs), "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                    "prompt_tokens": sum(len(o.prompt_token_ids or ()) for o in outputs)}
 
     one_pass()  # warm-up
     print(RESULT_MARK + json.dumps({"ready": True}), flush=True)
@@ -154,7 +170,7 @@ def offline_main(kind: str, model_path: str, inputs_path: str, max_tokens: int) 
 class Offline:
     """The offline engine in a child process, idle (no CPU) between the passes it is asked for."""
 
-    def __init__(self, kind: str, model_path: Path, inputs: list[str], max_tokens: int, log_dir: Path) -> None:
+    def __init__(self, kind: str, model_path: Path, inputs: list[Any], max_tokens: int, log_dir: Path) -> None:
         self._inputs = log_dir / f"offline-{kind}-inputs.json"
         self._inputs.write_text(json.dumps(inputs))
         self.log_path = log_dir / f"offline-{kind}.log"
@@ -333,7 +349,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--texts", type=int, default=2000, help="Banking77 texts to embed")
     parser.add_argument("--prompts", type=int, default=1024, help="Banking77 texts used as generation prompts")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer of the short workload")
+    parser.add_argument("--task-prompts", type=int, default=512,
+                        help=f"Banking77 texts summarized by the catalog's {SUMMARY_TASK} task (task workload)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent callers of Embed")
     parser.add_argument("--gen-clients", type=int, default=512, help="concurrent callers of Generate")
     parser.add_argument("--rounds", type=int, default=3)
@@ -361,6 +379,17 @@ def main() -> None:
                            num_hidden_layers=args.gen_layers, num_attention_heads=heads,
                            num_key_value_heads=max(1, heads // 2))
     gen_path = write_tiny_model(workdir / GEN_MODEL, [args.dataset], shape)
+    summary_task = load_catalog(default_catalog_path()).get(SUMMARY_TASK)
+    assert summary_task is not None, f"the default catalog has no {SUMMARY_TASK} task"
+    conversations = []
+    for text in [r["text"] for r in rows[: args.task_prompts]]:
+        rendered = render_prompt(summary_task, {"text": text})
+        conversations.append([{"role": "system", "content": rendered.system},
+                              {"role": "user", "content": rendered.user}])
+    workloads = [
+        GenerationWorkload("generation", prompts=prompts, max_tokens=args.max_tokens),
+        GenerationWorkload("generation_task", conversations=conversations, max_tokens=summary_task.small.max_tokens),
+    ]
     result: dict[str, Any] = {"bench": "small_tier", "cpus": os.cpu_count(), "embed_clients": args.clients,
                               "generate_clients": args.gen_clients, "rounds": args.rounds,
                               "max_tokens": args.max_tokens,
@@ -370,7 +399,7 @@ def main() -> None:
         if args.only != "generation":
             run_embedding(args, result, embed_path, texts, intents, workdir)
         if args.only != "embedding":
-            run_generation(args, result, gen_path, prompts, workdir)
+            run_generation(args, result, gen_path, workloads, workdir)
     finally:
         # Failures have already printed the tail of the log that explains them.
         shutil.rmtree(workdir, ignore_errors=True)
@@ -378,7 +407,7 @@ def main() -> None:
     # Per caller kind; grpc_threads is the small-tier workers' own client.
     result["meets_target"] = {
         name: {mode: result[name][f"ratio_{mode}"] >= 0.85 for mode in ("grpc_aio", "grpc_threads")}
-        for name in ("embedding", "generation") if name in result
+        for name in ("embedding", "generation", "generation_task") if name in result
     }
     print(json.dumps(result))
 
@@ -417,40 +446,78 @@ def run_embedding(args: argparse.Namespace, result: dict[str, Any], embed_path: 
     print(f"embedding: {result['embedding']}", flush=True)
 
 
-def run_generation(args: argparse.Namespace, result: dict[str, Any], gen_path: Path, prompts: list[str],
-                   workdir: Path) -> None:
-    print(f"generation: {len(prompts)} prompts x {args.max_tokens} tokens, {args.rounds} rounds", flush=True)
-    offline = Offline("generate", gen_path, prompts, args.max_tokens, workdir)
+@dataclass(frozen=True)
+class GenerationWorkload:
+    """Generation inputs, the same on both sides: plain prompts, or chat conversations that the
+    offline `LLM.chat` and the server render with the model's chat template."""
+
+    name: str
+    prompts: list[str] | None = None
+    conversations: list[list[dict[str, str]]] | None = None
+    max_tokens: int = 32
+
+    @property
+    def inputs(self) -> list[Any]:
+        return list(self.prompts if self.prompts is not None else self.conversations or [])
+
+    def request(self, item: Any) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(model=GEN_MODEL, sampling=pb.SamplingParams(temperature=0.0,
+                                                                                 max_tokens=self.max_tokens))
+        if self.prompts is not None:
+            request.prompt = item
+        else:
+            request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in item)
+        return request
+
+    def call(self, client: InferenceClient, item: Any) -> Any:
+        if self.prompts is not None:
+            return client.generate(GEN_MODEL, prompt=item, temperature=0.0, max_tokens=self.max_tokens)
+        return client.generate(GEN_MODEL, messages=[(m["role"], m["content"]) for m in item], temperature=0.0,
+                               max_tokens=self.max_tokens)
+
+
+def run_generation(args: argparse.Namespace, result: dict[str, Any], gen_path: Path,
+                   workloads: list[GenerationWorkload], workdir: Path) -> None:
+    """One server for every workload; an offline engine per workload, alive during its rounds."""
     server = Server(gen_path, GEN_MODEL, workdir, "--load-format", "dummy", "--max-model-len", "4096",
                     *args.server_arg)
     client = InferenceClient({GEN_MODEL: server.target}, default_timeout_s=300)
-    sampling = pb.SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    gen_requests = [pb.GenerateRequest(model=GEN_MODEL, prompt=p, sampling=sampling) for p in prompts]
-    rounds = Rounds("generated tokens/s", len(prompts))
     try:
-        asyncio.run(aio_pass(server.target, gen_requests[:256], "Generate", args.gen_clients))
-        time.sleep(SETTLE_S)
-        for _ in range(args.rounds):
-            with CpuMeter(offline.process.pid) as meter:
-                done = offline.run()
-            rounds.add("offline", done["tokens"] / done["seconds"], meter)
-            with CpuMeter(server.process.pid) as meter:
-                seconds, responses = asyncio.run(
-                    aio_pass(server.target, gen_requests, "Generate", args.gen_clients))
-            rounds.add("grpc_aio", sum(r.usage.completion_tokens for r in responses) / seconds, meter)
-            with CpuMeter(server.process.pid) as meter:
-                seconds, generations = threads_pass(
-                    client, prompts,
-                    lambda p: client.generate(GEN_MODEL, prompt=p, temperature=0.0, max_tokens=args.max_tokens),
-                    args.gen_clients,
-                )
-            rounds.add("grpc_threads", sum(g.completion_tokens for g in generations) / seconds, meter)
+        for workload in workloads:
+            inputs = workload.inputs
+            print(f"{workload.name}: {len(inputs)} inputs x {workload.max_tokens} tokens, {args.rounds} rounds",
+                  flush=True)
+            offline = Offline("generate" if workload.prompts is not None else "chat", gen_path, inputs,
+                              workload.max_tokens, workdir)
+            requests = [workload.request(item) for item in inputs]
+            rounds = Rounds("generated tokens/s", len(inputs))
+            prompt_tokens: dict[str, int] = {}
+            try:
+                asyncio.run(aio_pass(server.target, requests[:256], "Generate", args.gen_clients))
+                time.sleep(SETTLE_S)
+                for _ in range(args.rounds):
+                    with CpuMeter(offline.process.pid) as meter:
+                        done = offline.run()
+                    rounds.add("offline", done["tokens"] / done["seconds"], meter)
+                    prompt_tokens["offline"] = done["prompt_tokens"]
+                    with CpuMeter(server.process.pid) as meter:
+                        seconds, responses = asyncio.run(
+                            aio_pass(server.target, requests, "Generate", args.gen_clients))
+                    rounds.add("grpc_aio", sum(r.usage.completion_tokens for r in responses) / seconds, meter)
+                    prompt_tokens["grpc"] = sum(r.usage.prompt_tokens for r in responses)
+                    with CpuMeter(server.process.pid) as meter:
+                        seconds, generations = threads_pass(client, inputs, partial(workload.call, client),
+                                                            args.gen_clients)
+                    rounds.add("grpc_threads", sum(g.completion_tokens for g in generations) / seconds, meter)
+            finally:
+                offline.stop()
+            # Both sides saw the same prompts: the same token count, or the comparison is void.
+            result[workload.name] = {**rounds.summary(), "max_tokens": workload.max_tokens,
+                                     "prompt_tokens": prompt_tokens}
+            print(f"{workload.name}: {result[workload.name]}", flush=True)
     finally:
         client.close()
         server.stop()
-        offline.stop()
-    result["generation"] = rounds.summary()
-    print(f"generation: {result['generation']}", flush=True)
 
 
 if __name__ == "__main__":
