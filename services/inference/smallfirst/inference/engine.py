@@ -5,8 +5,14 @@ scheduler batches them continuously. The wrapper tokenizes prompts itself (and r
 messages with the model's chat template) so that a prompt longer than the context is refused with
 a clear error before it reaches the engine, and so that usage counts are exact.
 
-Cancellation needs no code here: when the task consuming `AsyncLLM.generate`/`encode` is
-cancelled (the gRPC call was cancelled or its deadline passed), vLLM aborts the engine request.
+Cancellation: when the task consuming `AsyncLLM.generate`/`encode` is cancelled (the gRPC call
+was cancelled or its deadline passed), vLLM aborts the engine request. A stream can also be
+closed while it waits at a `yield`; its generators are closed explicitly, so that abort happens
+then too rather than when the garbage collector gets to them.
+
+Per call, the front end's CPU is what bounds a small model's throughput (bench/small_tier.py), so
+the wrapper keeps vLLM's per-request work to what a call needs: prompts go in as rendered token
+inputs, sampling parameters are not deep-copied, and a whole answer is decoded once at the end.
 """
 
 from __future__ import annotations
@@ -212,8 +218,8 @@ class VllmEngine:
         llm = AsyncLLM.from_engine_args(engine_args(settings))
         # vLLM reads its VLLM_* variables from os.environ on every access unless told to cache
         # them; its engine core and workers turn the cache on once started, its front end does
-        # not, and the per-token statistics read one for every output (a tenth of the front
-        # end's CPU with many short requests in flight).
+        # not, and the per-token statistics read one for every output (about a tenth of the
+        # front end's CPU with many short requests in flight).
         vllm_envs.enable_envs_cache()
         kind = ModelKind.EMBED if llm.model_config.runner_type == "pooling" else ModelKind.GENERATE
         return cls(llm, settings.model_name, kind, settings.default_max_tokens, settings.max_embed_batch)
