@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import aiohttp
 import httpx
 import redis
 
+from smallfirst.cli.stack import free_port
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import default_catalog_path
 from smallfirst.common.queues import make_celery
@@ -61,12 +61,6 @@ from smallfirst.common.tenants import TenantRegistry
 
 JOB = {"task": "banking77_intent", "input": {"text": "I am still waiting on my card, when will it arrive?"}}
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Any, timeout_s: float, what: str) -> None:

@@ -47,7 +47,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from smallfirst.cli.stack import free_port
 from smallfirst.common.catalog import default_catalog_path, load_catalog
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -118,12 +118,6 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.front_end_s = process_cpu_s(self._pid) - self._front_end0
         self.callers_s = own_cpu_s() - self._callers0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- offline (a child process: `small_tier.py _offline KIND MODEL INPUTS MAX_TOKENS`) ------------

@@ -17,12 +17,27 @@ from typing import Any
 import httpx
 import pytest
 
+from smallfirst.common.catalog import Task
 from tests.support.procs import ManagedProcess, free_port
 
 # The session simulator refuses native structured outputs for this (priced, current) model, so the
 # executor's forced-tool fallback can be exercised.
 SIM_MODEL_WITHOUT_NATIVE_OUTPUT = "claude-haiku-4-5"
 CLI_ENTRY = "from smallfirst.cli.main import main; main()"
+# A current model the simulator answers with native structured outputs and the price table prices.
+HAIKU = "claude-haiku-5-5"
+
+
+def classify_task(mode: str = "auto", model: str = HAIKU) -> Task:
+    """A two-label classify task for the frontier tier (`mode`: its structured_output setting)."""
+    return Task.model_validate({
+        "name": "ticket_intent", "kind": "classify",
+        "labels": [{"name": "refund", "description": "wants money back"},
+                   {"name": "card_arrival", "description": "asks where a card is"}],
+        "prompt": {"system": "Classify the support ticket.", "user": "Ticket:\n{text}"},
+        "small": {"model": "all-minilm-l6-v2"},
+        "frontier": {"model": model, "max_tokens": 64, "structured_output": mode},
+    })
 
 
 class SimControl:

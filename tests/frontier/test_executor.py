@@ -21,9 +21,8 @@ from smallfirst.frontier_worker.executor import EscalationContext, FrontierExecu
 from smallfirst.frontier_worker.prompts import AnswerShape
 from smallfirst.frontier_worker.ratelimit import RateLimit, RedisRateLimiter
 from smallfirst.frontier_worker.settings import FrontierWorkerSettings, build_executor
-from tests.frontier_fixtures import SIM_MODEL_WITHOUT_NATIVE_OUTPUT, SimControl
+from tests.frontier_fixtures import HAIKU, SIM_MODEL_WITHOUT_NATIVE_OUTPUT, SimControl, classify_task
 
-HAIKU = "claude-haiku-5-5"
 SONNET = "claude-sonnet-5-5"
 RETRY = RetryPolicy(max_attempts=4, max_wait_s=10.0, backoff_base_ms=100, backoff_max_ms=400)
 INVOICE_SCHEMA = {
@@ -37,17 +36,6 @@ INVOICE_SCHEMA = {
     "additionalProperties": False,
 }
 INVOICE = "Vendor: ACME Tools GmbH\nInvoice number: INV-20417\nTotal amount: 1,234.50\n"
-
-
-def classify_task(mode: str = "auto", model: str = HAIKU) -> Task:
-    return Task.model_validate({
-        "name": "ticket_intent", "kind": "classify",
-        "labels": [{"name": "refund", "description": "wants money back"},
-                   {"name": "card_arrival", "description": "asks where a card is"}],
-        "prompt": {"system": "Classify the support ticket.", "user": "Ticket:\n{text}"},
-        "small": {"model": "all-minilm-l6-v2"},
-        "frontier": {"model": model, "max_tokens": 64, "structured_output": mode},
-    })
 
 
 def extract_task(mode: str = "auto") -> Task:

@@ -9,27 +9,15 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from smallfirst.common.catalog import Task
 from smallfirst.common.metrics import FrontierMetrics
 from smallfirst.common.pricing import default_price_table
 from smallfirst.frontier_worker.errors import FrontierBadRequest
 from smallfirst.frontier_worker.executor import FrontierExecutor, RetryPolicy
 from smallfirst.frontier_worker.ratelimit import RateLimit, RedisRateLimiter
-from tests.frontier_fixtures import SimControl
+from tests.frontier_fixtures import HAIKU, SimControl, classify_task
 
-MODEL = "claude-haiku-5-5"
+MODEL = HAIKU
 QUICK_RETRIES = RetryPolicy(max_attempts=6, max_wait_s=10.0, backoff_base_ms=20, backoff_max_ms=40)
-
-
-def classify_task() -> Task:
-    return Task.model_validate({
-        "name": "ticket_intent", "kind": "classify",
-        "labels": [{"name": "refund", "description": "wants money back"},
-                   {"name": "card_arrival", "description": "asks where a card is"}],
-        "prompt": {"system": "Classify the support ticket.", "user": "Ticket:\n{text}"},
-        "small": {"model": "all-minilm-l6-v2"},
-        "frontier": {"model": MODEL, "max_tokens": 64},
-    })
 
 
 def executor(sim: SimControl, registry: CollectorRegistry, limiter: RedisRateLimiter) -> FrontierExecutor:

@@ -16,12 +16,11 @@ from kombu.message import Message
 from prometheus_client import CollectorRegistry
 
 from smallfirst.common import constants as k
-from smallfirst.common.catalog import Catalog, default_catalog_path
+from smallfirst.common.catalog import Catalog
 from smallfirst.common.execution import JobExecution
 from smallfirst.common.jobs import Job, JobStatus, Priority, RouteDecision, RouteReason, Tier, Usage, Verdict
 from smallfirst.common.metrics import PHASE_QUEUE_WAIT, PHASE_RUN, JobMetrics, QueueCollector
-from smallfirst.common.queues import Publisher, make_celery
-from smallfirst.common.settings import CoreSettings
+from smallfirst.common.queues import Publisher
 from smallfirst.common.store import JobStore
 
 TASK = "banking77_intent"
@@ -33,13 +32,6 @@ class Delivery:
     task_id: str
     task_name: str
     message: Message
-
-
-@pytest.fixture
-def celery_app(redis_url: str) -> Iterator[Celery]:
-    app = make_celery(CoreSettings(redis_url=redis_url, catalog_path=default_catalog_path()))
-    yield app
-    app.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from smallfirst.common import constants as k
 from smallfirst.common import lifecycle
-from smallfirst.common.catalog import default_catalog_path
 from smallfirst.common.jobs import Job, JobStatus, Priority, RouteDecision, RouteReason, Tier, Usage, Verdict
 from smallfirst.common.metrics import (
     PHASE_QUEUE_WAIT,
@@ -27,8 +26,7 @@ from smallfirst.common.metrics import (
     render_metrics,
     start_metrics_server,
 )
-from smallfirst.common.queues import Publisher, make_celery, message_priority
-from smallfirst.common.settings import CoreSettings
+from smallfirst.common.queues import Publisher, message_priority
 from tests.support.procs import free_port, require_binary
 
 TASK = "ticket_intent"
@@ -47,14 +45,6 @@ def metrics(registry: CollectorRegistry) -> JobMetrics:
 @pytest.fixture
 def frontier_metrics(registry: CollectorRegistry) -> FrontierMetrics:
     return FrontierMetrics(registry)
-
-
-@pytest.fixture
-def celery_app(redis_url: str) -> Iterator[Celery]:
-    """The project's Celery app (priority queues on Redis), publishing to the test Redis."""
-    app = make_celery(CoreSettings(redis_url=redis_url, catalog_path=default_catalog_path()))
-    yield app
-    app.close()
 
 
 @pytest.fixture
