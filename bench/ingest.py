@@ -25,6 +25,12 @@ What is measured:
   arrives, as a collector would). Both API processes run for the whole bench and their phases are interleaved round by
   round, so both see the same Redis and the same machine. The receiver shares the machine's cores:
   its CPU is part of the cost measured, as for a collector agent on the same node.
+- api_single_fsync_always / api_batch_fsync_always: the same two phases against a third API process
+  whose own redis-server runs with `appendfsync always` (fsync before every reply) instead of
+  `everysec`, phases paired round by round as for tracing (`--no-fsync-compare` skips them; they are
+  skipped with --redis-url, whose fsync setting is not the bench's to choose). `always` makes every
+  acknowledged write survive a machine crash; `everysec` loses up to about a second of them then
+  (a killed redis-server process alone loses nothing, see README "Redis").
 After each API phase the bench checks that every accepted job has its message in the queue.
 """
 
@@ -52,7 +58,7 @@ import aiohttp
 import httpx
 import redis
 
-from smallfirst.cli.stack import free_port
+from smallfirst.cli.stack import RedisServer, free_port
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import default_catalog_path
 from smallfirst.common.queues import make_celery
@@ -73,26 +79,18 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
 
 
 @contextmanager
-def redis_server(url: str | None) -> Iterator[str]:
+def redis_server(url: str | None, appendfsync: str = "everysec") -> Iterator[str]:
     if url:
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         sys.exit("redis-server is not installed; pass --redis-url")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="sf-bench-redis-") as workdir:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--appendonly", "yes",
-             "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
+        server = RedisServer(Path(workdir), appendfsync=appendfsync).start()
         try:
-            wait_for(lambda: _pings(url), 15, "redis-server")
-            yield url
+            yield server.url
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
 
 def _pings(url: str) -> bool:
@@ -109,7 +107,7 @@ def queued_messages(client: redis.Redis) -> int:
 def reset(client: redis.Redis) -> None:
     """Empty the queues and job records between phases. The tenant stays, and so do kombu's
     binding keys: deleting those under a running publisher would make its messages undeliverable."""
-    doomed = [*k.priority_list_keys(k.QUEUE_SMALL), k.ACTIVE_JOBS_KEY]
+    doomed = [*k.priority_list_keys(k.QUEUE_SMALL), k.ACTIVE_JOBS_KEY, k.PUBLISH_OUTBOX_KEY]
     for pattern in (k.job_key("*"), k.tenant_jobs_key("*"), k.stats_key("*", "*"), k.quota_key("*", 0)[:-1] + "*"):
         doomed.extend(key.decode() for key in client.scan_iter(match=pattern, count=1000))
     for start in range(0, len(doomed), 1000):
@@ -176,7 +174,10 @@ def api_process(redis_url: str, workers: int, logs: Path, extra_env: dict[str, s
     # Tracing only where extra_env asks for it, whatever this shell has set.
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     env = {**inherited, "SMALLFIRST_REDIS_URL": redis_url, "SMALLFIRST_CATALOG_PATH": str(default_catalog_path()),
-           "SMALLFIRST_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+           "SMALLFIRST_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
+           # The bench measures the ingest path at full speed: one tenant, no effective submission rate limit.
+           "SMALLFIRST_DEFAULT_SUBMISSIONS_PER_S": "1000000", "SMALLFIRST_DEFAULT_SUBMISSIONS_BURST": "1000000",
+           **(extra_env or {})}
     log = logs.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "smallfirst.cli", "api", "--host", "127.0.0.1", "--port",
                              str(port), "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -266,6 +267,8 @@ def main() -> None:
                         help="also measure an API with tracing on, exporting to an OTLP receiver")
     parser.add_argument("--trace-sample-ratio", type=float, default=1.0,
                         help="share of requests the traced API samples (head sampling); 1: every request")
+    parser.add_argument("--fsync-compare", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure an API on a redis-server with appendfsync always")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "smallfirst-bench-api.log")
     args = parser.parse_args()
 
@@ -274,15 +277,28 @@ def main() -> None:
     batches: list[dict[str, Any]] = []
     traced_singles: list[dict[str, Any]] = []
     traced_batches: list[dict[str, Any]] = []
+    always_singles: list[dict[str, Any]] = []
+    always_batches: list[dict[str, Any]] = []
     traced_jobs = 0
     receiver: Receiver | None = None
     batch_body = {"jobs": [JOB] * args.batch_size}
-    with redis_server(args.redis_url) as redis_url:
+    compare_fsync = args.fsync_compare and not args.redis_url
+    with redis_server(args.redis_url) as redis_url, contextlib.ExitStack() as always_redis:
         client = redis.Redis.from_url(redis_url)
         client.flushdb()
         api_key = TenantRegistry(client).create("bench").api_key
+        always_client: redis.Redis | None = None
+        always_key = ""
+        if compare_fsync:
+            always_url = always_redis.enter_context(redis_server(None, appendfsync="always"))
+            always_client = redis.Redis.from_url(always_url)
+            always_key = TenantRegistry(always_client).create("bench").api_key
         with contextlib.ExitStack() as running:
             url = running.enter_context(api_process(redis_url, args.api_workers, args.log))
+            fsync_url: str | None = None
+            if always_client is not None:
+                fsync_url = running.enter_context(api_process(
+                    always_url, args.api_workers, args.log.with_name(f"{args.log.stem}-fsync{args.log.suffix}")))
             traced_url: str | None = None
             if args.tracing:
                 receiver = running.enter_context(otlp_receiver_process())
@@ -291,6 +307,8 @@ def main() -> None:
                     redis_url, args.api_workers, args.log.with_name(f"{args.log.stem}-traced{args.log.suffix}"),
                     receiver.env(args.trace_sample_ratio)))
             _warm_up(url, api_key, args, batch_body)
+            if fsync_url is not None:
+                _warm_up(fsync_url, always_key, args, batch_body)
             if traced_url is not None:
                 traced_jobs += _warm_up(traced_url, api_key, args, batch_body)
             for round_number in range(1, args.rounds + 1):
@@ -300,6 +318,10 @@ def main() -> None:
                 # load from whatever else runs on the machine.
                 singles.append(run_phase(url, api_key, client, clients=args.clients, requests=args.jobs,
                                          path="/v1/jobs", body=JOB, jobs_per_request=1))
+                if fsync_url is not None and always_client is not None:
+                    always_singles.append(run_phase(fsync_url, always_key, always_client, clients=args.clients,
+                                                    requests=args.jobs, path="/v1/jobs", body=JOB,
+                                                    jobs_per_request=1))
                 if traced_url is not None:
                     traced_singles.append(run_phase(traced_url, api_key, client, clients=args.clients,
                                                     requests=args.jobs, path="/v1/jobs", body=JOB,
@@ -307,6 +329,11 @@ def main() -> None:
                 batches.append(run_phase(url, api_key, client, clients=args.batch_clients,
                                          requests=args.batch_requests, path="/v1/jobs/batch", body=batch_body,
                                          jobs_per_request=args.batch_size))
+                if fsync_url is not None and always_client is not None:
+                    always_batches.append(run_phase(fsync_url, always_key, always_client,
+                                                    clients=args.batch_clients, requests=args.batch_requests,
+                                                    path="/v1/jobs/batch", body=batch_body,
+                                                    jobs_per_request=args.batch_size))
                 if traced_url is not None:
                     traced_batches.append(run_phase(traced_url, api_key, client, clients=args.batch_clients,
                                                     requests=args.batch_requests, path="/v1/jobs/batch",
@@ -315,6 +342,9 @@ def main() -> None:
                         f"POST /v1/jobs ({args.clients} clients) {singles[-1]['jobs_per_s']:7.0f} jobs/s | "
                         f"POST /v1/jobs/batch ({args.batch_size}/request, {args.batch_clients} clients) "
                         f"{batches[-1]['jobs_per_s']:7.0f} jobs/s")
+                if fsync_url is not None:
+                    line += (f" | fsync always: single {always_singles[-1]['jobs_per_s']:7.0f} jobs/s, "
+                             f"batch {always_batches[-1]['jobs_per_s']:7.0f} jobs/s")
                 if traced_url is not None:
                     traced_jobs += traced_singles[-1]["accepted"] + traced_batches[-1]["accepted"]
                     line += (f" | traced: single {traced_singles[-1]['jobs_per_s']:7.0f} jobs/s, "
@@ -322,11 +352,14 @@ def main() -> None:
                 print(line, flush=True)
         reset(client)
         client.close()
+        if always_client is not None:
+            reset(always_client)
+            always_client.close()
 
     raw = statistics.median(raw_rates)
     single = statistics.median(r["jobs_per_s"] for r in singles)
     batch = statistics.median(r["jobs_per_s"] for r in batches)
-    phases = [*singles, *batches, *traced_singles, *traced_batches]
+    phases = [*singles, *batches, *traced_singles, *traced_batches, *always_singles, *always_batches]
     result: dict[str, Any] = {
         "bench": "ingest",
         "cpu_count": os.cpu_count(),
@@ -352,6 +385,21 @@ def main() -> None:
         "all_accepted_jobs_queued": all(r["all_accepted_queued"] for r in phases),
         "non_202_responses": sum(n for r in phases for s, n in r["statuses"].items() if s != 202),
     }
+    if always_singles:
+        # Paired per round, like tracing: the always phase against the everysec phase just before it.
+        fsync_single = [a["jobs_per_s"] / o["jobs_per_s"] for a, o in zip(always_singles, singles, strict=True)]
+        fsync_batch = [a["jobs_per_s"] / o["jobs_per_s"] for a, o in zip(always_batches, batches, strict=True)]
+        result["samples"].update({
+            "api_single_fsync_always": [round(r["jobs_per_s"], 1) for r in always_singles],
+            "api_batch_fsync_always": [round(r["jobs_per_s"], 1) for r in always_batches],
+        })
+        result.update({
+            "redis_appendfsync": "everysec",
+            "api_single_fsync_always_jobs_per_s": round(statistics.median(r["jobs_per_s"] for r in always_singles), 1),
+            "api_batch_fsync_always_jobs_per_s": round(statistics.median(r["jobs_per_s"] for r in always_batches), 1),
+            "fsync_always_single_vs_everysec": round(statistics.median(fsync_single), 3),
+            "fsync_always_batch_vs_everysec": round(statistics.median(fsync_batch), 3),
+        })
     if receiver is not None:
         traced_single = statistics.median(r["jobs_per_s"] for r in traced_singles)
         traced_batch = statistics.median(r["jobs_per_s"] for r in traced_batches)

@@ -1,21 +1,29 @@
-"""Whole-pipeline throughput and routing quality for classify jobs.
+"""Whole-pipeline throughput, latency, Redis traffic and idle CPU of small-tier classify jobs.
 
-    .venv/bin/python bench/pipeline.py [--jobs 1000] [--batch 100] [--dataset PATH]
+    .venv/bin/python bench/pipeline.py [--jobs 1000] [--batch 100] [--rate 20] [--latency-jobs 200]
 
 In one run on the same machine:
-- baseline: vLLM offline in-process (`LLM.embed`) on the same texts: the engine's best case.
-- pipeline: the whole stack as separate processes (API, Redis, small and frontier worker pools,
-  the inference service, the frontier simulator answering as an oracle from the dataset's labels),
-  the texts submitted as Banking77 classify jobs through `POST /v1/jobs/batch`, timed from the
-  first submission to the last job's end.
-The baseline runs first and is shut down before the stack starts, so they never share the CPUs.
+- baseline: vLLM offline in-process (`LLM.embed`) on the evaluation texts: the engine's best case.
+  It runs first, in a child process that is gone before the stack starts, so they never share CPUs.
+- the whole stack as separate processes (Redis, the API, the small, frontier and webhooks pools,
+  the embedding and generator inference services, the frontier simulator), and on it:
+  - idle CPU: every process of the stack, summed (percent of one core), while no job runs;
+  - the bare Embed call: one text per call, straight to the inference service, p50 and p95;
+  - throughput, jobs/s end to end (first submission through `POST /v1/jobs/batch` to the last
+    job's end) of a 77-label task (Banking77's intents) and of a 308-label task (each intent
+    split into four paraphrase groups, 2,772 label texts), each as a ratio to the offline rate;
+  - latency: single jobs submitted at a steady rate (`POST /v1/jobs`, then a long-poll to the end),
+    submit to result, p50 and p95, next to the bare Embed call's;
+  - Redis commands per job (INFO commandstats before and after the steady run, all commands of
+    every client, so background traffic over the run's duration is included), and per second idle;
+  - throughput again with a second small-worker process.
+The bench tasks keep every job on the small tier (no validator escalates it): the figures are the
+small tier's. Accuracy is the intent's (a paraphrase group's answer counts for its intent).
 
-Routing quality on the same jobs: accuracy of the final answers, and the share of jobs the small
-tier kept (the rest escalated to the frontier, which the oracle answers correctly: the reference
-"frontier always right" setting of shared/REFERENCE.md, "Routing quality references").
-Evaluation texts are the dataset's messages after the catalog's seed examples.
+`--base-only-redis`: only the stack's Redis commands per job and idle CPU, no vLLM offline run
+(for a run on an older checkout, to compare).
 
-The last line printed is one JSON object with the figures and the ratio pipeline/offline.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,31 +33,50 @@ import csv
 import gc
 import json
 import multiprocessing
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import redis
+import yaml
 
 from smallfirst.cli.stack import Stack, StackConfig
+from smallfirst.common import constants as k
 from smallfirst.common.catalog import default_catalog_path
 from smallfirst.common.tenants import TenantRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "banking77" / "train.csv"
 SEEDS_PER_INTENT = 10  # scripts/make_banking77_catalog.py
+TASK_77 = "bench_intent_77"
+TASK_308 = "bench_intent_308"
+GROUPS_PER_INTENT = 4
+EXAMPLES_PER_GROUP = 8
+# The fine task's examples come from after the evaluation texts of each intent.
+FINE_EXAMPLES_FROM = 40
+TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def evaluation_rows(dataset: Path, count: int) -> list[tuple[str, str]]:
-    """Messages after each intent's seed examples, interleaved across intents."""
+def intents(dataset: Path) -> dict[str, list[str]]:
     per_intent: dict[str, list[str]] = defaultdict(list)
     with dataset.open(newline="") as handle:
         for row in csv.DictReader(handle):
             per_intent[row["category"]].append(row["text"].strip())
-    held_out = {intent: texts[SEEDS_PER_INTENT:] for intent, texts in per_intent.items()}
+    return per_intent
+
+
+def evaluation_rows(per_intent: dict[str, list[str]], count: int) -> list[tuple[str, str]]:
+    """Messages after each intent's seed examples, interleaved across intents."""
+    held_out = {intent: texts[SEEDS_PER_INTENT:FINE_EXAMPLES_FROM] for intent, texts in per_intent.items()}
     rows: list[tuple[str, str]] = []
     depth = 0
     while len(rows) < count and any(depth < len(t) for t in held_out.values()):
@@ -58,6 +85,31 @@ def evaluation_rows(dataset: Path, count: int) -> list[tuple[str, str]]:
                 rows.append((texts[depth], intent))
         depth += 1
     return rows
+
+
+def bench_catalog(folder: Path, per_intent: dict[str, list[str]]) -> None:
+    """The default catalog, plus the two bench tasks: Banking77's labels as the catalog has them, and
+    each intent split into paraphrase groups of examples the evaluation does not use."""
+    for source in default_catalog_path().glob("*.yaml"):
+        shutil.copy(source, folder / source.name)
+    banking = yaml.safe_load((default_catalog_path() / "banking77.yaml").read_text())
+    base = next(task for task in banking["tasks"] if task["name"] == "banking77_intent")
+    coarse = {**base, "name": TASK_77, "validators": [], "description": "Bench: 77 intents, small tier only."}
+    fine_labels = []
+    for label in base["labels"]:
+        known = per_intent[label["name"]]
+        pool = known[:SEEDS_PER_INTENT] + known[FINE_EXAMPLES_FROM:]
+        for group in range(GROUPS_PER_INTENT):
+            examples = pool[group::GROUPS_PER_INTENT][:EXAMPLES_PER_GROUP]
+            fine_labels.append({"name": f"{label['name']}__{group + 1}",
+                                "description": f"{label['description']} (paraphrase group {group + 1})",
+                                "examples": examples})
+    fine = {**coarse, "name": TASK_308, "labels": fine_labels,
+            "description": f"Bench: {len(fine_labels)} paraphrase groups of 77 intents, small tier only."}
+    (folder / "bench.yaml").write_text(yaml.safe_dump({
+        "tasks": [coarse, fine],
+        "defaults": banking.get("defaults", {}),
+    }, sort_keys=False))
 
 
 def offline_embed(texts: list[str], model_path: str, queue: Any) -> None:
@@ -73,88 +125,243 @@ def offline_embed(texts: list[str], model_path: str, queue: Any) -> None:
     gc.collect()
 
 
-def run_pipeline(stack: Stack, rows: list[tuple[str, str]], batch: int) -> dict[str, Any]:
-    tenant = TenantRegistry(redis.Redis.from_url(stack.redis_url)).create("bench")
-    headers = {"Authorization": f"Bearer {tenant.api_key}"}
-    with httpx.Client(base_url=stack.api_url, headers=headers, timeout=120) as client:
-        # Warm-up: the label index (label and seed-example embeddings) is built on first use.
-        warm = client.post("/v1/jobs", json={"task": "banking77_intent", "input": {"text": rows[0][0]}}).json()
-        client.get(f"/v1/jobs/{warm['id']}", params={"wait": 60})
-        started = time.perf_counter()
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# ---- measurements on the stack ----------------------------------------------------------------------
+def stack_processes(stack: Stack) -> dict[str, list[psutil.Process]]:
+    found: dict[str, list[psutil.Process]] = {}
+    for name, component in stack.components.items():
+        proc = getattr(component, "proc", None)
+        if proc is None:
+            continue
+        try:
+            root = psutil.Process(proc.pid)
+            found[name] = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return found
+
+
+def idle_cpu(stack: Stack, seconds: float) -> tuple[float, dict[str, float]]:
+    """Percent of one core used by each component (with its children) over `seconds` of no work."""
+    processes = stack_processes(stack)
+
+    def cpu_s() -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, procs in processes.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    continue
+            totals[name] = total
+        return totals
+
+    before, started = cpu_s(), time.perf_counter()
+    time.sleep(seconds)
+    after, elapsed = cpu_s(), time.perf_counter() - started
+    per = {name: round(100 * (after[name] - before.get(name, after[name])) / elapsed, 2) for name in after}
+    return round(sum(per.values()), 2), per
+
+
+def redis_calls(client: redis.Redis) -> dict[str, int]:
+    stats: Any = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()}
+
+
+def calls_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] - before.get(name, 0) > 0}
+
+
+def bare_embed_latency_ms(stack: Stack, texts: list[str], count: int) -> list[float]:
+    from smallfirst.small_worker.inference_client import InferenceClient
+
+    latencies = []
+    with InferenceClient({"all-minilm-l6-v2": f"127.0.0.1:{stack.ports['embed']}"}) as client:
+        client.embed("all-minilm-l6-v2", texts[:1], truncate=True)
+        for text in (texts * (count // max(1, len(texts)) + 1))[:count]:
+            started = time.perf_counter()
+            client.embed("all-minilm-l6-v2", [text], truncate=True)
+            latencies.append((time.perf_counter() - started) * 1e3)
+            time.sleep(0.02)
+    return latencies
+
+
+class Bench:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.redis = redis.Redis.from_url(stack.redis_url)
+        issued = TenantRegistry(self.redis).create("bench")
+        self.tenant_id = issued.tenant.id
+        self.headers = {"Authorization": f"Bearer {issued.api_key}"}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.stack.api_url, headers=self.headers, timeout=120)
+
+    def ended(self, task: str) -> int:
+        raw = self.redis.hget(k.stats_key(self.tenant_id, task), "jobs_ended")
+        return int(raw) if raw is not None else 0
+
+    def warm(self, tasks: list[str], text: str) -> None:
+        """One job per task, to its end: label indexes are built (or were, at the workers' start)."""
+        with self.client() as client:
+            for task in tasks:
+                job = client.post("/v1/jobs", json={"task": task, "input": {"text": text}}).json()
+                while client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()["status"] not in TERMINAL:
+                    pass
+
+    def throughput(self, task: str, rows: list[tuple[str, str]], batch: int) -> dict[str, Any]:
+        """Jobs/s from the first submission to the last end (ends counted in the tenant's stats)."""
+        target = self.ended(task) + len(rows)
         ids: list[str] = []
-        for start in range(0, len(rows), batch):
-            body = {"jobs": [{"task": "banking77_intent", "input": {"text": text}}
-                             for text, _ in rows[start:start + batch]]}
-            response = client.post("/v1/jobs/batch", json=body)
-            response.raise_for_status()
-            ids.extend(item["job"]["id"] for item in response.json()["results"])
-        jobs: dict[str, dict[str, Any]] = {}
-        for job_id in ids:
-            while True:
-                job = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
-                if job["status"] in {"succeeded", "failed", "cancelled"}:
-                    jobs[job_id] = job
-                    break
-        elapsed_s = time.perf_counter() - started
-    ended = [jobs[i] for i in ids]
-    correct = sum(1 for job, (_, label) in zip(ended, rows, strict=True)
-                  if job["status"] == "succeeded" and job["result"] == {"label": label})
-    small_kept = [(job, label) for job, (_, label) in zip(ended, rows, strict=True)
-                  if job["status"] == "succeeded" and job["attempts"][-1]["tier"] == "small"]
-    small_correct = sum(1 for job, label in small_kept if job["result"] == {"label": label})
-    return {
-        "jobs": len(rows),
-        "pipeline_jobs_per_s": round(len(rows) / elapsed_s, 2),
-        "succeeded": sum(1 for job in ended if job["status"] == "succeeded"),
-        "accuracy": round(correct / len(rows), 4),
-        "small_share": round(len(small_kept) / len(rows), 4),
-        "frontier_share": round(1 - len(small_kept) / len(rows), 4),
-        "small_tier_accuracy": round(small_correct / max(1, len(small_kept)), 4),
-    }
+        with self.client() as client:
+            started = time.perf_counter()
+            for start in range(0, len(rows), batch):
+                body = {"jobs": [{"task": task, "input": {"text": text}} for text, _ in rows[start:start + batch]]}
+                response = client.post("/v1/jobs/batch", json=body)
+                response.raise_for_status()
+                ids.extend(item["job"]["id"] for item in response.json()["results"])
+            deadline = time.monotonic() + 900
+            while self.ended(task) < target and time.monotonic() < deadline:
+                time.sleep(0.02)
+            elapsed_s = time.perf_counter() - started
+            jobs = [client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in ids]
+        correct = sum(1 for job, (_, intent) in zip(jobs, rows, strict=True)
+                      if job["status"] == "succeeded" and str(job["result"]["label"]).split("__")[0] == intent)
+        return {"jobs_per_s": round(len(rows) / elapsed_s, 2),
+                "succeeded": sum(1 for job in jobs if job["status"] == "succeeded"),
+                "accuracy": round(correct / len(rows), 4)}
+
+    def steady(self, task: str, texts: list[str], rate: float, count: int) -> list[float]:
+        """Single jobs at a steady rate, each submitted and long-polled on its own thread."""
+        latencies: list[float] = []
+        lock = threading.Lock()
+        client = httpx.Client(base_url=self.stack.api_url, headers=self.headers, timeout=120,
+                              limits=httpx.Limits(max_connections=200, max_keepalive_connections=200))
+
+        def one(text: str) -> None:
+            started = time.perf_counter()
+            job = client.post("/v1/jobs", json={"task": task, "input": {"text": text}}).json()
+            while job["status"] not in TERMINAL:
+                job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+            with lock:
+                latencies.append((time.perf_counter() - started) * 1e3)
+
+        threads = []
+        first = time.perf_counter()
+        for i in range(count):
+            pause = first + i / rate - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            thread = threading.Thread(target=one, args=(texts[i % len(texts)],))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+        client.close()
+        return latencies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=20.0, help="jobs/s of the latency run")
+    parser.add_argument("--latency-jobs", type=int, default=200)
+    parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--base-only-redis", action="store_true")
     args = parser.parse_args()
-    rows = evaluation_rows(args.dataset, args.jobs)
+    per_intent = intents(args.dataset)
+    rows = evaluation_rows(per_intent, args.jobs)
     texts = [text for text, _ in rows]
 
     from smallfirst.inference.models import bundled_embedding_model_path
 
     model_path = bundled_embedding_model_path()
-    # The offline engine in a child process, so that it is completely gone before the stack starts.
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    child = context.Process(target=offline_embed, args=(texts, str(model_path), results))
-    child.start()
-    offline_per_s = float(results.get(timeout=900))
-    child.join(timeout=120)
-    print(f"offline vLLM embed: {offline_per_s:.1f} texts/s", flush=True)
+    offline_per_s = 0.0
+    if not args.base_only_redis:
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        child = context.Process(target=offline_embed, args=(texts, str(model_path), results))
+        child.start()
+        offline_per_s = float(results.get(timeout=900))
+        child.join(timeout=120)
+        print(f"offline vLLM embed: {offline_per_s:.1f} texts/s", flush=True)
 
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        labels = workdir / "labels.csv"
-        with labels.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(rows)
-        config = StackConfig(workdir=workdir, catalog_path=default_catalog_path(),
-                             frontier_sim_args=["--strategy", "oracle", "--labels", str(labels)])
+        catalog = workdir / "catalog"
+        catalog.mkdir()
+        bench_catalog(catalog, per_intent)
+        generator = workdir / "tiny-generator"
+        subprocess.run([sys.executable, "-m", "smallfirst.cli", "make-tiny-model", str(generator)], check=True,
+                       capture_output=True)
+        config = StackConfig(workdir=workdir, catalog_path=catalog)
         stack = Stack(config)
         try:
-            stack.start_all(embed_model=model_path)
-            figures = run_pipeline(stack, rows, args.batch)
+            stack.start_all(embed_model=model_path, generator_model=generator)
+            bench = Bench(stack)
+            bench.warm([TASK_77, TASK_308], texts[0])
+            time.sleep(3)  # let the start-up work settle
+            before = redis_calls(bench.redis)
+            idle_percent, idle_by = idle_cpu(stack, args.idle_s)
+            idle_calls = sum(calls_delta(before, redis_calls(bench.redis)).values())
+            figures["idle_cpu_percent"] = idle_percent
+            figures["idle_cpu_percent_by_process"] = idle_by
+            figures["redis_idle_commands_per_s"] = round(idle_calls / args.idle_s, 1)
+            print(f"idle CPU: {idle_percent:.1f}% of a core ({idle_by}); "
+                  f"Redis {figures['redis_idle_commands_per_s']} commands/s", flush=True)
+
+            before = redis_calls(bench.redis)
+            started = time.perf_counter()
+            latencies = bench.steady(TASK_77, texts, args.rate, args.latency_jobs)
+            steady_s = time.perf_counter() - started
+            delta = calls_delta(before, redis_calls(bench.redis))
+            per_job = sum(delta.values()) / args.latency_jobs
+            background = figures["redis_idle_commands_per_s"] * steady_s / args.latency_jobs
+            figures["redis_commands_per_job"] = round(per_job, 1)
+            figures["redis_commands_per_job_less_idle"] = round(per_job - background, 1)
+            figures["redis_commands_by_name_per_job"] = {
+                name: round(n / args.latency_jobs, 2) for name, n in sorted(delta.items(), key=lambda x: -x[1])}
+            figures["p50_ms"] = round(statistics.median(latencies), 1)
+            figures["p95_ms"] = round(percentile(latencies, 95), 1)
+            print(f"steady {args.rate:g} jobs/s, {args.latency_jobs} single jobs: p50 {figures['p50_ms']} ms, "
+                  f"p95 {figures['p95_ms']} ms; Redis {figures['redis_commands_per_job']} commands/job "
+                  f"({figures['redis_commands_per_job_less_idle']} less the idle traffic): "
+                  f"{figures['redis_commands_by_name_per_job']}", flush=True)
+            if not args.base_only_redis:
+                bare = bare_embed_latency_ms(stack, texts, 200)
+                figures["embed_call_p50_ms"] = round(statistics.median(bare), 2)
+                figures["embed_call_p95_ms"] = round(percentile(bare, 95), 2)
+                print(f"bare Embed call: p50 {figures['embed_call_p50_ms']} ms, "
+                      f"p95 {figures['embed_call_p95_ms']} ms", flush=True)
+                for workers in (1, 2):
+                    if workers == 2:
+                        stack.start_worker(k.POOL_SMALL, name="worker-small-2")
+                        bench.warm([TASK_77, TASK_308], texts[1])
+                    for task, labels in ((TASK_77, 77), (TASK_308, 300)):
+                        result = bench.throughput(task, rows, args.batch)
+                        suffix = f"_{labels}_labels" + ("" if workers == 1 else "_2_workers")
+                        figures[f"jobs_per_s{suffix}"] = result["jobs_per_s"]
+                        figures[f"ratio{suffix}"] = round(result["jobs_per_s"] / offline_per_s, 4)
+                        figures[f"accuracy{suffix}"] = result["accuracy"]
+                        print(f"{workers} small worker(s), {task}: {result['jobs_per_s']} jobs/s "
+                              f"({figures[f'ratio{suffix}']:.3f}x offline), {result['succeeded']}/{len(rows)} "
+                              f"succeeded, intent accuracy {result['accuracy']:.3f}", flush=True)
         finally:
             stack.stop_all()
-    figures["offline_embed_texts_per_s"] = round(offline_per_s, 2)
-    figures["pipeline_vs_offline"] = round(figures["pipeline_jobs_per_s"] / offline_per_s, 4)
-    print(f"pipeline: {figures['pipeline_jobs_per_s']} classify jobs/s "
-          f"({figures['pipeline_vs_offline']:.3f}x offline embedding); accuracy {figures['accuracy']:.3f} "
-          f"with {figures['frontier_share']:.1%} sent to the frontier", flush=True)
-    print(json.dumps({"bench": "pipeline_classify", **figures}))
+    if not args.base_only_redis:
+        figures["offline_embed_texts_per_s"] = round(offline_per_s, 2)
+        figures["label_count_ratio_300_vs_77"] = round(figures["jobs_per_s_300_labels"]
+                                                      / figures["jobs_per_s_77_labels"], 4)
+    print(json.dumps({"bench": "pipeline_classify", "jobs": len(rows), **figures}))
 
 
 if __name__ == "__main__":

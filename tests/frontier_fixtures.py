@@ -68,6 +68,13 @@ class SimControl:
             response.raise_for_status()
             return int(response.json()["pending"])
 
+    def force_batch_outcomes(self, outcomes: dict[str, str]) -> int:
+        """Give these custom_ids an `errored` or `expired` result in the batches created afterwards."""
+        with self._http() as http:
+            response = http.post("/_sim/batch-outcomes", json={"outcomes": outcomes})
+            response.raise_for_status()
+            return int(response.json()["forced"])
+
     def stats(self, log: bool = True) -> dict[str, Any]:
         with self._http() as http:
             response = http.get("/_sim/stats", params={"log": str(log).lower()})

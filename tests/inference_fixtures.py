@@ -53,6 +53,13 @@ class InferenceServerHandle:
     port: int
     metrics_port: int
     process: ManagedProcess
+    # For a server serving TLS: the credentials a client needs (None: plaintext).
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials)
+        return grpc.insecure_channel(self.target)
 
     @property
     def target(self) -> str:
@@ -60,7 +67,7 @@ class InferenceServerHandle:
 
     def health(self, service: str = "") -> int:
         """The health status (health_pb2.HealthCheckResponse.SERVING, NOT_SERVING...)."""
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2.0
             )
@@ -92,7 +99,8 @@ class InferenceServerHandle:
         )
 
 
-def start_server(logs_dir: Path, name: str, model_path: Path, model: str, *extra: str) -> InferenceServerHandle:
+def start_server(logs_dir: Path, name: str, model_path: Path, model: str, *extra: str,
+                 credentials: grpc.ChannelCredentials | None = None) -> InferenceServerHandle:
     require_vllm()
     port, metrics_port = free_port(), free_port()
     argv = [
@@ -105,7 +113,7 @@ def start_server(logs_dir: Path, name: str, model_path: Path, model: str, *extra
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "SMALLFIRST_INFERENCE_LOG_LEVEL": "INFO"}
     process = ManagedProcess(name, argv, logs_dir, env=env).start()
-    handle = InferenceServerHandle(name, model, port, metrics_port, process)
+    handle = InferenceServerHandle(name, model, port, metrics_port, process, credentials)
     try:
         process.wait_ready(handle.serving, timeout_s=START_TIMEOUT_S)
     except (RuntimeError, TimeoutError):
@@ -178,13 +186,14 @@ def start_inference_server(logs_dir: Path, embedding_model_dir: Path,
     """`start_inference_server("embed" | "generate", *extra_cli_args)`: a server of the test's own."""
     started: list[InferenceServerHandle] = []
 
-    def start(kind: str, *extra: str) -> InferenceServerHandle:
+    def start(kind: str, *extra: str, credentials: grpc.ChannelCredentials | None = None) -> InferenceServerHandle:
         name = f"inference-{kind}-own-{len(started) + 1}-{free_port()}"
         if kind == "embed":
-            handle = start_server(logs_dir, name, embedding_model_dir, EMBEDDING_MODEL, *extra)
+            handle = start_server(logs_dir, name, embedding_model_dir, EMBEDDING_MODEL, *extra,
+                                  credentials=credentials)
         elif kind == "generate":
             handle = start_server(logs_dir, name, tiny_model_dir, GENERATOR_MODEL, "--load-format", "dummy",
-                                  "--max-model-len", str(GENERATOR_CONTEXT_TOKENS), *extra)
+                                  "--max-model-len", str(GENERATOR_CONTEXT_TOKENS), *extra, credentials=credentials)
         else:
             raise ValueError(f"unknown server kind {kind!r}")
         started.append(handle)

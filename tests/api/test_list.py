@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from datetime import UTC, datetime
 
@@ -92,15 +93,37 @@ def test_filters_by_creation_time(api_client: httpx.Client, job_store: JobStore)
     assert before == [ids[0]]
 
 
-def test_bad_cursor_and_limit_are_422(api_client: httpx.Client) -> None:
+def _cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    "not-a-cursor",
+    _cursor('{"s": Infinity, "id": "job_1"}'),
+    _cursor('{"s": NaN, "id": "job_1"}'),
+    _cursor('{"s": 1e400, "id": "job_1"}'),
+    _cursor('{"s": ' + "9" * 5000 + ', "id": "job_1"}'),
+    _cursor("[" * 3000),
+    _cursor('{"s": {"s": {"s": 1}}, "id": "job_1"}'),
+    "%%%%" + "A" * 10,
+    "A" * 5000,
+])
+def test_a_crafted_cursor_is_400_with_its_code(api_client: httpx.Client, cursor: str) -> None:
     # when
-    bad_cursor = api_client.get("/v1/jobs", params={"cursor": "not-a-cursor"})
+    response = api_client.get("/v1/jobs", params={"cursor": cursor})
+
+    # then
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_cursor"
+
+
+def test_bad_limit_and_status_are_422(api_client: httpx.Client) -> None:
+    # when
     too_many = api_client.get("/v1/jobs", params={"limit": 1000})
     bad_status = api_client.get("/v1/jobs", params={"status": "done"})
 
     # then
-    assert bad_cursor.status_code == too_many.status_code == bad_status.status_code == 422
-    assert bad_cursor.json()["error"]["code"] == "invalid_cursor"
+    assert too_many.status_code == bad_status.status_code == 422
     assert bad_status.json()["error"]["details"][0]["field"] == "query.status"
 
 

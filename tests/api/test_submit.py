@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from smallfirst.common import constants as k
+from smallfirst.common.jobs import FrontierMode
 from tests.api_fixtures import ApiServerFactory, TenantFactory
 
 BANKING = {"task": "banking77_intent", "input": {"text": "My card has not arrived yet."}}
@@ -45,7 +46,8 @@ def test_submitted_job_is_accepted_stored_and_queued_on_its_tier(api_client: htt
     assert job["input"] == {"text": "My card has not arrived yet."}
     assert job["priority"] == "high"
     assert job["metadata"] == {"ticket": "T-1"}
-    assert job["route"] == {"tier": "small", "reason": "task_default", "detail": "task default: small"}
+    assert job["route"] == {"tier": "small", "reason": "task_default", "detail": "task default: small",
+                            "frontier_mode": "realtime", "frontier_mode_source": "task"}
     assert job["attempts"] == []
     assert "trace_id" in job
     assert "version" not in job
@@ -302,3 +304,27 @@ def test_openapi_document_describes_the_job_api(api_server: str) -> None:
     assert invalid["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     batch_items = schemas["BatchRequest"]["properties"]["jobs"]["items"]
     assert batch_items == {"$ref": "#/components/schemas/JobRequest"}
+
+
+def test_the_frontier_mode_of_the_job_overrides_the_tenants_and_is_stored_on_the_route(
+        api_server: str, tenant_factory: TenantFactory) -> None:
+    # given: a tenant whose frontier work goes in batches by default
+    credentials = tenant_factory("batchy", frontier_mode=FrontierMode.BATCH)
+    summary = {"task": "email_summary", "input": {"text": "Please move my order to Friday."}}
+
+    # when
+    with httpx.Client(base_url=api_server, headers={"Authorization": f"Bearer {credentials.api_key}"},
+                      timeout=30) as http:
+        by_tenant = http.post("/v1/jobs", json=summary).json()
+        by_job = http.post("/v1/jobs", json={**summary, "frontier_mode": "realtime"}).json()
+        auto_low = http.post("/v1/jobs", json={**summary, "frontier_mode": "auto", "priority": "low"}).json()
+        refused = http.post("/v1/jobs", json={**summary, "frontier_mode": "sometimes"})
+
+    # then
+    assert (by_tenant["route"]["frontier_mode"], by_tenant["route"]["frontier_mode_source"]) == ("batch", "tenant")
+    assert (by_job["route"]["frontier_mode"], by_job["route"]["frontier_mode_source"]) == ("realtime", "job")
+    assert by_job["frontier_mode"] == "realtime"
+    assert auto_low["route"]["frontier_mode"] == "batch"
+    assert auto_low["route"]["frontier_mode_source"] == "job:auto:low_priority"
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"]

@@ -118,3 +118,33 @@ def test_added_key_leaves_the_old_one_valid(redis_url: str) -> None:
     assert registry.lookup(issued.api_key) is None
     assert registry.lookup(second) is not None
     client.close()
+
+
+def test_update_sets_budgets_quotas_and_retention_and_budget_shows_the_spend(redis_url: str) -> None:
+    # given a tenant
+    code, output = run_cli(redis_url, "create", "acme", "--id", "acme")
+    assert code == 0, output
+
+    # when an operator sets its budget, a quota and its retention, then clears the quota
+    code, updated = run_cli(redis_url, "update", "acme", "--budget-daily-usd", "2.5", "--budget-policy", "hold",
+                            "--set", "quota_max_jobs_in_flight=100", "--set", "retention_s=86400")
+    cleared_code, cleared = run_cli(redis_url, "update", "acme", "--set", "quota_max_jobs_in_flight=none")
+    refused_code, refused = run_cli(redis_url, "update", "acme", "--set", "quota_nonsense=1")
+    invalid_code, invalid = run_cli(redis_url, "update", "acme", "--set", "retention_s=-5")
+    budget_code, budget = run_cli(redis_url, "budget", "acme")
+
+    # then the tenant carries them, unknown or invalid settings are refused, and its budget is shown
+    assert code == 0, updated
+    tenant = json.loads(updated)
+    assert (tenant["budget_daily_usd"], tenant["budget_policy"]) == (2.5, "hold")
+    assert (tenant["quota_max_jobs_in_flight"], tenant["retention_s"]) == (100, 86400)
+    assert cleared_code == 0, cleared
+    assert json.loads(cleared)["quota_max_jobs_in_flight"] is None
+    assert refused_code != 0
+    assert "quota_nonsense" in refused
+    assert invalid_code != 0
+    assert "retention_s" in invalid
+    assert budget_code == 0, budget
+    shown = json.loads(budget)["budget"]
+    assert (shown["policy"], shown["status"], shown["day"]["limit_usd"], shown["day"]["spent_usd"]) == (
+        "hold", "ok", 2.5, 0.0)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 
 from smallfirst.common import lifecycle
+from smallfirst.common.catalog import Catalog
+from smallfirst.common.errors import SmallfirstError
 from smallfirst.common.jobs import ErrorInfo, Job, Tier, Usage, Verdict
+from smallfirst.common.outcome import Application, AttemptResult, apply, decide
 from smallfirst.common.store import JobStore
 
 LEASE_S = 600
@@ -27,10 +30,10 @@ def succeed(store: JobStore, job_id: str, *, tier: Tier = Tier.SMALL, answer: ob
     job = begin(store, job_id, tier)
     number = job.attempts[-1].number
     task_id = job.attempts[-1].task_id
-    _, job = store.transition(job_id, lambda j: lifecycle.succeed(
-        j, attempt_number=number, task_id=task_id, now=time.time(), answer=answer, confidence=0.9,
+    _, job = store.transition(job_id, lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+        attempt_number=number, task_id=task_id, now=time.time(), answer=answer, confidence=0.9,
         usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens), cost_usd=cost_usd,
-        verdict=Verdict(passed=True), estimated_frontier_cost_usd=estimated_frontier_cost_usd))
+        verdict=Verdict(passed=True), estimated_frontier_cost_usd=estimated_frontier_cost_usd, billed=True)))
     return job
 
 
@@ -39,10 +42,10 @@ def escalate(store: JobStore, job_id: str, *, reasons: list[str], small_cost_usd
     job = begin(store, job_id, Tier.SMALL)
     number = job.attempts[-1].number
     task_id = job.attempts[-1].task_id
-    _, job = store.transition(job_id, lambda j: lifecycle.escalate(
-        j, attempt_number=number, task_id=task_id, now=time.time(), reasons=reasons, answer={"label": "x"},
+    _, job = store.transition(job_id, lambda j: lifecycle.escalate(j, lifecycle.AttemptEnd(
+        attempt_number=number, task_id=task_id, now=time.time(), answer={"label": "x"},
         usage=Usage(input_tokens=10, output_tokens=2), cost_usd=small_cost_usd,
-        verdict=Verdict(passed=False, reasons=reasons)))
+        verdict=Verdict(passed=False, reasons=reasons), billed=True), reasons=reasons))
     return job
 
 
@@ -50,7 +53,28 @@ def fail(store: JobStore, job_id: str, *, tier: Tier = Tier.SMALL, code: str = "
     job = begin(store, job_id, tier)
     number = job.attempts[-1].number
     task_id = job.attempts[-1].task_id
-    _, job = store.transition(job_id, lambda j: lifecycle.fail(
-        j, attempt_number=number, task_id=task_id, now=time.time(),
+    _, job = store.transition(job_id, lambda j: lifecycle.fail(j, lifecycle.AttemptEnd(
+        attempt_number=number, task_id=task_id, now=time.time()),
         error=ErrorInfo(code=code, message="the answer failed validation")))
+    return job
+
+
+def fail_by_outcome(store: JobStore, catalog: Catalog, job_id: str, error: SmallfirstError,
+                    tier: Tier = Tier.FRONTIER) -> Job:
+    """Run one attempt that ends with `error`, decided and applied by the outcome function as a
+    worker's `JobExecution.finish` does (so a failure a person can act on is dead-lettered)."""
+    job = begin(store, job_id, tier)
+    number = job.attempts[-1].number
+    task_id = job.attempts[-1].task_id
+    task = catalog.get(job.task)
+    assert task is not None
+    result = AttemptResult.failed(error)
+
+    def change(j: Job) -> Job:
+        now = time.time()
+        decided = decide(j, task, tier, result, attempt_number=number, task_id=task_id, now=now)
+        return apply(j, decided, result, attempt_number=number, task_id=task_id, now=now,
+                     application=Application(worker="test-worker", model="test-model", lease_s=LEASE_S))
+
+    _, job = store.transition(job_id, change)
     return job

@@ -80,7 +80,7 @@ def test_redis_keeps_every_write_and_never_evicts(compose: dict[str, Any]) -> No
     assert options["--maxmemory-policy"] == "noeviction"
 
 
-@pytest.mark.parametrize("service", ["small-worker", "frontier-worker"])
+@pytest.mark.parametrize("service", ["small-worker", "frontier-worker", "webhooks-worker"])
 def test_worker_stop_grace_period_covers_the_longest_task_and_soft_shutdown(compose: dict[str, Any],
                                                                              service: str) -> None:
     # given
@@ -193,7 +193,7 @@ def test_collector_pipelines_use_defined_components(compose: dict[str, Any]) -> 
 def test_prometheus_scrapes_each_service_on_its_metrics_port(compose: dict[str, Any]) -> None:
     # given
     config = load_yaml(COMPOSE_DIR / "prometheus.yml")
-    expected = {"api": 8000, "small-worker": 9101, "frontier-worker": 9102,
+    expected = {"api": 8000, "small-worker": 9101, "frontier-worker": 9102, "webhooks-worker": 9104,
                 "inference-embed": 9103, "inference-generate": 9103}
 
     # when
@@ -220,3 +220,12 @@ def test_grafana_dashboard_uses_the_provisioned_datasource() -> None:
     # then
     assert used <= uids
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+@pytest.mark.parametrize("service", ["api", "small-worker", "frontier-worker", "webhooks-worker", "inference-embed",
+                                     "inference-generate", "redis"])
+def test_a_process_that_exits_non_zero_is_started_again(compose: dict[str, Any], service: str) -> None:
+    # A worker whose consumer fails for good exits non-zero (worker_app.bound_exit_on_failure) and an
+    # inference server whose engine dies does too: compose must start them again. Compose does not
+    # restart a container that is merely unhealthy, so the exit is what brings a worker back here.
+    assert compose["services"][service].get("restart") in {"always", "unless-stopped", "on-failure"}

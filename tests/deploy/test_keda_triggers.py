@@ -14,7 +14,7 @@ import pytest
 from smallfirst.common import constants
 from tests.deploy.manifests import OVERLAYS, Manifest, chart_values, container, find, of_kind
 
-DEPLOYED_POOLS = (constants.POOL_SMALL, constants.POOL_FRONTIER)
+DEPLOYED_POOLS = (constants.POOL_SMALL, constants.POOL_FRONTIER, constants.POOL_WEBHOOKS)
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -28,9 +28,9 @@ from tests.deploy.manifests import (
 # The oldest Kubernetes the manifests support (gRPC probes are GA from 1.27) and the newest
 # kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
-WORKER_POOLS = ("small", "frontier")
+WORKER_POOLS = ("small", "frontier", "webhooks")
 SMALLFIRST_WORKLOADS = (
-    "smallfirst-api", "smallfirst-small-worker", "smallfirst-frontier-worker",
+    "smallfirst-api", "smallfirst-small-worker", "smallfirst-frontier-worker", "smallfirst-webhooks-worker",
     "smallfirst-inference-embed", "smallfirst-inference-generate", "smallfirst-frontier-sim",
 )
 

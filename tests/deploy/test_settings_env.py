@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings
 
 from smallfirst.api.settings import ApiSettings
 from smallfirst.common import constants
+from smallfirst.common.delivery import WebhookWorkerSettings
 from smallfirst.common.settings import CoreSettings
 from smallfirst.frontier_sim.settings import FrontierSimSettings
 from smallfirst.frontier_worker.settings import FrontierWorkerSettings
@@ -23,7 +24,8 @@ from smallfirst.small_worker.worker import SmallWorkerSettings
 from tests.deploy.manifests import CHART_DIR, COMPOSE_FILE, OVERLAYS, Manifest, chart_values, load_yaml, of_kind
 
 SETTINGS: tuple[type[BaseSettings], ...] = (
-    CoreSettings, ApiSettings, SmallWorkerSettings, FrontierWorkerSettings, InferenceSettings, FrontierSimSettings,
+    CoreSettings, ApiSettings, SmallWorkerSettings, FrontierWorkerSettings, WebhookWorkerSettings, InferenceSettings,
+    FrontierSimSettings,
 )
 _TEMPLATE_ENV_NAME = re.compile(r"- name: (SMALLFIRST_[A-Z0-9_]+)")
 
@@ -111,7 +113,8 @@ def test_chart_templates_set_only_variables_the_services_read() -> None:
 def test_metrics_ports_are_the_services_defaults(rendered_overlays: dict[str, list[Manifest]]) -> None:
     # given: the workers take their metrics port from the code, so the manifests must agree with it
     expected = {"small": constants.DEFAULT_METRICS_PORT_SMALL_WORKER,
-                "frontier": constants.DEFAULT_METRICS_PORT_FRONTIER_WORKER}
+                "frontier": constants.DEFAULT_METRICS_PORT_FRONTIER_WORKER,
+                "webhooks": constants.DEFAULT_METRICS_PORT_WEBHOOK_WORKER}
     pools = chart_values()["workers"]["pools"]
 
     # when

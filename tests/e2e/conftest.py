@@ -1,5 +1,5 @@
 """The whole stack as separate processes: Redis, inference servers (real vLLM), the frontier
-simulator, the API, and both worker pools, started once for the module that asks for it."""
+simulator, the API, and the three worker pools, started once for the module that asks for it."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def test_classify_job_is_answered_by_the_small_tier(client: httpx.Client, fronti
     job = submit_and_wait(client, {"task": "banking77_intent", "input": {"text": "I am still waiting on my card?"}})
     # then: the small tier answered, confidently, and the frontier was never called
     assert job["status"] == "succeeded", dump(job)
-    assert job["route"] == {"tier": "small", "reason": "task_default", "detail": "task default: small"}
+    assert job["route"] == {"tier": "small", "reason": "task_default", "detail": "task default: small",
+                            "frontier_mode": "realtime", "frontier_mode_source": "task"}
     assert job["result"] == {"label": "card_arrival"}
     [attempt] = job["attempts"]
     assert attempt["tier"] == "small"
@@ -196,3 +197,59 @@ def test_cli_submit_waits_for_the_result(stack: Stack, tenant: IssuedTenant) -> 
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode != 0
     assert "unknown_task" in bad.stderr
+
+
+def test_frontier_outage_longer_than_an_attempt_is_retried_until_it_answers_billed_once(
+        client: httpx.Client, frontier_sim: httpx.Client) -> None:
+    # given: the frontier overloads on more calls than one attempt may make (6), then recovers
+    outage = [{"kind": "529", "retry_after_s": 0.05} for _ in range(8)]
+    frontier_sim.post("/_sim/faults", json={"faults": outage})
+
+    # when a frontier-routed job is submitted within a deadline that leaves room for a retry
+    job = submit_and_wait(client, {"task": "email_summary", "input": {"text": "Please call me back today."},
+                                   "deadline_s": 300}, wait_s=60)
+
+    # then the first attempt ended unanswered and unbilled, a later one succeeded, billed once
+    assert job["status"] == "succeeded", dump(job)
+    retried = [a for a in job["attempts"] if a["outcome"] == "retried"]
+    assert len(retried) == 1, dump(job)
+    assert retried[0]["error"]["code"] == "frontier_unavailable"
+    assert not retried[0]["billed"]
+    assert len(billed_attempts(job, "frontier")) == 1
+    assert job["cost_usd"] == pytest.approx(billed_attempts(job, "frontier")[0]["cost_usd"])
+
+
+def test_a_job_failed_by_a_frontier_outage_past_its_deadline_is_a_dead_letter_and_a_replay_after_it_succeeds(
+        client: httpx.Client, frontier_sim: httpx.Client) -> None:
+    # given: the frontier is overloaded for far more calls than the job's short deadline allows
+    frontier_sim.post("/_sim/faults", json={"faults": [{"kind": "529", "retry_after_s": 0.05, "count": 1000}]})
+
+    # when a frontier-routed job with a deadline of two seconds is submitted
+    job = submit_and_wait(client, {"task": "email_summary", "input": {"text": "Please call me back today."},
+                                   "deadline_s": 2}, wait_s=60)
+
+    # then it failed past its deadline into the tenant's dead letters, nothing billed
+    assert job["status"] == "failed", dump(job)
+    assert job["error"]["code"] == "deadline_exceeded"
+    assert job["dead_letter"] == "deadline_exceeded"
+    assert billed_attempts(job, "frontier") == []
+    entries = client.get("/v1/dead-letters", params={"reason": "deadline_exceeded"}).json()["data"]
+    assert [e["job_id"] for e in entries] == [job["id"]]
+
+    # when the outage is over and the job is replayed
+    frontier_sim.delete("/_sim/faults")
+    replay = client.post(f"/v1/jobs/{job['id']}/replay", json={"deadline_s": 120})
+    assert replay.status_code == 202, replay.text
+    done = wait_for_end(client, job["id"], wait_s=60)
+
+    # then the same job succeeded, its failed attempts kept, billed once for the successful attempt
+    assert done["status"] == "succeeded", dump(done)
+    assert done["replays"] == 1
+    assert done["attempts"][:len(job["attempts"])] == job["attempts"]
+    billed = billed_attempts(done, "frontier")
+    assert len(billed) == 1
+    assert billed[0]["outcome"] == "accepted"
+    assert done["cost_usd"] == pytest.approx(billed[0]["cost_usd"])
+    assert done["cost_usd"] > 0
+    # and it left the dead letters
+    assert client.get("/v1/dead-letters").json()["data"] == []

@@ -14,7 +14,8 @@ from pathlib import Path
 import redis
 
 from smallfirst.common.catalog import Task
-from smallfirst.frontier_worker.settings import FrontierWorkerSettings, build_executor
+from smallfirst.frontier_worker.client import build_executor
+from smallfirst.frontier_worker.settings import FrontierWorkerSettings
 
 TASK = Task.model_validate({
     "name": "ticket_intent", "kind": "classify",

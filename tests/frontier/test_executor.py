@@ -11,6 +11,7 @@ import redis
 
 from smallfirst.common.catalog import Task, default_catalog_path
 from smallfirst.common.pricing import default_price_table
+from smallfirst.frontier_worker.client import build_executor
 from smallfirst.frontier_worker.errors import (
     FrontierAuthError,
     FrontierBadRequest,
@@ -20,7 +21,7 @@ from smallfirst.frontier_worker.errors import (
 from smallfirst.frontier_worker.executor import EscalationContext, FrontierExecutor, RetryPolicy
 from smallfirst.frontier_worker.prompts import AnswerShape
 from smallfirst.frontier_worker.ratelimit import RateLimit, RedisRateLimiter
-from smallfirst.frontier_worker.settings import FrontierWorkerSettings, build_executor
+from smallfirst.frontier_worker.settings import FrontierWorkerSettings
 from tests.frontier_fixtures import HAIKU, SIM_MODEL_WITHOUT_NATIVE_OUTPUT, SimControl, classify_task
 
 SONNET = "claude-sonnet-5-5"
@@ -208,7 +209,7 @@ def test_spent_attempt_budget_fails_with_frontier_unavailable(frontier_sim: SimC
 
     # then
     assert raised.value.code == "frontier_unavailable"
-    assert raised.value.error_info().code == "frontier_unavailable"
+    assert raised.value.info().code == "frontier_unavailable"
     assert len(raised.value.retries) == 2
     assert "500 api_error" in raised.value.message
     assert len(frontier_sim.requests()) == 3
@@ -239,7 +240,7 @@ def test_bad_request_fails_at_once_with_the_providers_message(frontier_sim: SimC
         executor(frontier_sim.url).run(classify_task(), {"text": "refund please"})
 
     # then
-    assert raised.value.code == "frontier_bad_request"
+    assert raised.value.code == "frontier_rejected"
     assert raised.value.status_code == 400
     assert "invalid request (simulated)" in raised.value.message
     assert len(frontier_sim.requests()) == 1

@@ -87,3 +87,48 @@ def test_a_bad_price_file_is_refused_with_the_file_and_entry_named(tmp_path: Pat
 def test_a_missing_price_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PricingError, match="does not exist"):
         load_price_table(tmp_path / "absent.yaml")
+
+
+def test_a_batch_request_costs_the_file_wide_batch_factor_of_the_list_price(tmp_path: Path) -> None:
+    # given
+    file = tmp_path / "prices.yaml"
+    file.write_text("batch_price_factor: 0.4\n"
+                    "models:\n  m: {input: 3, output: 15, cache_write: 3.75, cache_read: 0.3}\n")
+    usage = Usage(input_tokens=1_000, output_tokens=200, cache_creation_input_tokens=400, cache_read_input_tokens=900)
+    table = load_price_table(file)
+
+    # when
+    realtime, batch = table.cost_usd("m", usage), table.cost_usd("m", usage, batch=True)
+
+    # then
+    assert realtime == pytest.approx((1_000 * 3 + 200 * 15 + 400 * 3.75 + 900 * 0.3) / 1_000_000)
+    assert batch == pytest.approx(0.4 * realtime)
+
+
+def test_a_model_entry_overrides_the_batch_factor_and_a_file_without_one_gets_half_price(tmp_path: Path) -> None:
+    # given
+    file = tmp_path / "prices.yaml"
+    file.write_text("models:\n"
+                    "  plain: {input: 1, output: 5, cache_write: 1.25, cache_read: 0.1}\n"
+                    "  special: {input: 1, output: 5, cache_write: 1.25, cache_read: 0.1, batch_price_factor: 0.8}\n")
+    usage = Usage(input_tokens=1_000_000)
+
+    # when
+    table = load_price_table(file)
+
+    # then
+    assert table.cost_usd("plain", usage, batch=True) == pytest.approx(0.5)
+    assert table.cost_usd("special", usage, batch=True) == pytest.approx(0.8)
+    assert cost_usd("claude-haiku-5-5", usage, batch=True) == pytest.approx(0.5 * cost_usd("claude-haiku-5-5", usage))
+
+
+@pytest.mark.parametrize("factor", ["0", "1.5", "-0.5"])
+def test_a_batch_factor_outside_zero_to_one_is_refused(tmp_path: Path, factor: str) -> None:
+    # given
+    file = tmp_path / "prices.yaml"
+    file.write_text(f"batch_price_factor: {factor}\n"
+                    "models:\n  m: {input: 1, output: 2, cache_write: 1, cache_read: 1}\n")
+
+    # when / then
+    with pytest.raises(PricingError, match="batch_price_factor"):
+        load_price_table(file)

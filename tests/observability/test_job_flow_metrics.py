@@ -20,6 +20,7 @@ from smallfirst.common.catalog import Catalog
 from smallfirst.common.execution import JobExecution
 from smallfirst.common.jobs import Job, JobStatus, Priority, RouteDecision, RouteReason, Tier, Usage, Verdict
 from smallfirst.common.metrics import PHASE_QUEUE_WAIT, PHASE_RUN, JobMetrics, QueueCollector
+from smallfirst.common.outcome import AttemptResult
 from smallfirst.common.queues import Publisher
 from smallfirst.common.store import JobStore
 
@@ -106,10 +107,10 @@ def test_queue_depth_and_job_counters_move_as_jobs_flow_through_the_tiers(
         assert ctx is not None
         waiting_while_running = queue_length(registry, k.QUEUE_SMALL)
         unacked_while_running = value(registry, "smallfirst_unacked_messages")
-        execution.escalate(ctx, reasons=["choice: 'lost card' is not one of the allowed labels",
-                                         "min_confidence: 0.31 is below 0.6"],
-                           answer={"label": "lost card"}, confidence=0.31, usage=Usage(input_tokens=12),
-                           verdict=Verdict(passed=False, reasons=["choice: not allowed"]))
+        execution.finish(ctx, AttemptResult(
+            answer={"label": "lost card"}, confidence=0.31, usage=Usage(input_tokens=12),
+            verdict=Verdict(passed=False, reasons=["choice: 'lost card' is not one of the allowed labels",
+                                                   "min_confidence: 0.31 is below 0.6"])))
 
     # then the small queue shrank while the delivery was held, and the escalation is counted and queued
     assert small.task_name == k.TASK_RUN_SMALL
@@ -126,9 +127,9 @@ def test_queue_depth_and_job_counters_move_as_jobs_flow_through_the_tiers(
     with delivery_from(celery_app, k.QUEUE_ESCALATION) as escalated:
         frontier_ctx = execution.begin(escalated.job_id, Tier.FRONTIER, escalated.task_id)
         assert frontier_ctx is not None
-        execution.succeed(frontier_ctx, answer={"label": "lost_or_stolen_card"}, confidence=None,
-                          usage=Usage(input_tokens=300, output_tokens=9), cost_usd=0.0004,
-                          verdict=Verdict(passed=True))
+        execution.finish(frontier_ctx, AttemptResult(
+            answer={"label": "lost_or_stolen_card"}, usage=Usage(input_tokens=300, output_tokens=9), cost_usd=0.0004,
+            verdict=Verdict(passed=True)))
 
     # then the escalation queue is empty and the job ended on the frontier tier, with its cost
     assert escalated.job_id == small.job_id
@@ -141,9 +142,9 @@ def test_queue_depth_and_job_counters_move_as_jobs_flow_through_the_tiers(
     with delivery_from(celery_app, k.QUEUE_SMALL) as second:
         second_ctx = execution.begin(second.job_id, Tier.SMALL, second.task_id)
         assert second_ctx is not None
-        execution.succeed(second_ctx, answer={"label": "card_arrival"}, confidence=0.92,
-                          usage=Usage(input_tokens=12), cost_usd=0.0, verdict=Verdict(passed=True),
-                          estimated_frontier_cost_usd=0.0003)
+        execution.finish(second_ctx, AttemptResult(
+            answer={"label": "card_arrival"}, confidence=0.92, usage=Usage(input_tokens=12),
+            verdict=Verdict(passed=True), estimated_frontier_cost_usd=0.0003))
 
     # then it ended on the small tier, saved the frontier estimate, and one job is left waiting
     assert value(registry, "smallfirst_jobs_ended_total", task=TASK, tier="small", status="succeeded") == 1
@@ -163,8 +164,8 @@ def test_a_duplicate_delivery_of_an_ended_job_counts_nothing(
     with delivery_from(celery_app, k.QUEUE_SMALL) as first:
         ctx = execution.begin(first.job_id, Tier.SMALL, first.task_id)
         assert ctx is not None
-        execution.succeed(ctx, answer={"label": "card_arrival"}, confidence=0.9, usage=Usage(input_tokens=5),
-                          cost_usd=0.0, verdict=Verdict(passed=True))
+        execution.finish(ctx, AttemptResult(answer={"label": "card_arrival"}, confidence=0.9,
+                                            usage=Usage(input_tokens=5), verdict=Verdict(passed=True)))
 
     # when its message is delivered again (the broker redelivers after a lost ack)
     publisher.publish_job(job)

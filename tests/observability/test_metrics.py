@@ -20,13 +20,13 @@ from smallfirst.common.metrics import (
     PHASE_RUN,
     PHASE_SUBMIT_TO_RESULT,
     FrontierMetrics,
-    InferenceServerMetrics,
     JobMetrics,
     QueueCollector,
     render_metrics,
     start_metrics_server,
 )
 from smallfirst.common.queues import Publisher, message_priority
+from smallfirst.inference.metrics import InferenceMetrics
 from tests.support.procs import free_port, require_binary
 
 TASK = "ticket_intent"
@@ -86,15 +86,16 @@ def test_escalated_job_counts_one_escalation_one_end_and_each_phase(
 
     apply(lambda j: lifecycle.begin_attempt(j, tier=Tier.SMALL, model="minilm", worker="w1", task_id="t1",
                                             now=1002.0, lease_s=60))
-    apply(lambda j: lifecycle.escalate(j, attempt_number=1, task_id="t1", now=1002.5,
-                                       reasons=["choice: 'x' is not one of the 77 allowed choices",
-                                                "min_confidence: confidence 0.2 is below 0.6"],
-                                       usage=Usage(input_tokens=10), verdict=Verdict(passed=False)))
+    apply(lambda j: lifecycle.escalate(j, lifecycle.AttemptEnd(
+        attempt_number=1, task_id="t1", now=1002.5, usage=Usage(input_tokens=10),
+        verdict=Verdict(passed=False), billed=True), reasons=["choice: 'x' is not one of the 77 allowed choices",
+                                                "min_confidence: confidence 0.2 is below 0.6"]))
     apply(lambda j: lifecycle.begin_attempt(j, tier=Tier.FRONTIER, model="claude", worker="w2", task_id="t2",
                                             now=1004.5, lease_s=60))
-    apply(lambda j: lifecycle.succeed(j, attempt_number=2, task_id="t2", now=1006.5, answer="lost_card",
-                                      confidence=None, usage=Usage(input_tokens=100, output_tokens=5),
-                                      cost_usd=0.002, verdict=Verdict(passed=True)))
+    apply(lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+        attempt_number=2, task_id="t2", now=1006.5, answer="lost_card", confidence=None,
+        usage=Usage(input_tokens=100, output_tokens=5), cost_usd=0.002, verdict=Verdict(passed=True),
+        billed=True)))
 
     # when each stored transition is recorded, and the last one once more (a duplicate call)
     for before, after in steps:
@@ -124,9 +125,10 @@ def test_small_tier_success_counts_its_savings(metrics: JobMetrics, registry: Co
     queued = new_job()
     running = lifecycle.begin_attempt(queued.model_copy(deep=True), tier=Tier.SMALL, model="minilm", worker="w",
                                       task_id="t", now=1001.0, lease_s=60)
-    done = lifecycle.succeed(running.model_copy(deep=True), attempt_number=1, task_id="t", now=1001.25,
-                             answer="lost_card", confidence=0.9, usage=Usage(input_tokens=20), cost_usd=0.0,
-                             verdict=Verdict(passed=True), estimated_frontier_cost_usd=0.0015)
+    done = lifecycle.succeed(running.model_copy(deep=True), lifecycle.AttemptEnd(
+        attempt_number=1, task_id="t", now=1001.25, answer="lost_card", confidence=0.9,
+        usage=Usage(input_tokens=20), cost_usd=0.0, verdict=Verdict(passed=True),
+        estimated_frontier_cost_usd=0.0015, billed=True))
 
     # when its transitions are recorded
     metrics.record_job_transition(queued, running)
@@ -143,8 +145,8 @@ def test_cancel_of_an_escalated_job_counts_it_ended_on_the_frontier_tier(
     # given a job waiting in the escalation queue
     job = lifecycle.begin_attempt(new_job(), tier=Tier.SMALL, model="m", worker="w", task_id="t", now=1001.0,
                                   lease_s=60)
-    escalated = lifecycle.escalate(job, attempt_number=1, task_id="t", now=1001.5,
-                                   reasons=["small_tier_error: unavailable: connection refused"])
+    escalated = lifecycle.escalate(job, lifecycle.AttemptEnd(
+        attempt_number=1, task_id="t", now=1001.5), reasons=["small_tier_error: unavailable: connection refused"])
 
     # when the tenant cancels it
     cancelled = lifecycle.cancel(escalated.model_copy(deep=True), now=1003.0)
@@ -251,18 +253,19 @@ def test_scrape_survives_an_unreachable_redis(registry: CollectorRegistry) -> No
 # ---- exposition --------------------------------------------------------------------------------------
 def _populate(registry: CollectorRegistry) -> None:
     """Every metric set on `registry`, each metric with at least one sample."""
-    jobs, frontier, inference = JobMetrics(registry), FrontierMetrics(registry), InferenceServerMetrics("m", registry)
+    jobs, frontier, inference = JobMetrics(registry), FrontierMetrics(registry), InferenceMetrics("m", registry)
     job = lifecycle.begin_attempt(new_job(), tier=Tier.SMALL, model="m", worker="w", task_id="t", now=1001.0,
                                   lease_s=60)
     jobs.record_job_submitted(new_job())
     jobs.record_job_transition(new_job(), job)
-    escalated = lifecycle.escalate(job.model_copy(deep=True), attempt_number=1, task_id="t", now=1001.5,
-                                   reasons=["choice: nope"])
+    escalated = lifecycle.escalate(job.model_copy(deep=True), lifecycle.AttemptEnd(
+        attempt_number=1, task_id="t", now=1001.5), reasons=["choice: nope"])
     jobs.record_job_transition(job, escalated)
     frontier.record_usage("claude", Usage(input_tokens=1, output_tokens=1), 0.001)
     frontier.record_request("claude", "ok")
     frontier.observe_ratelimit_wait("claude", 0.01)
-    inference.record_tokens(prompt_tokens=10, generated_tokens=3)
+    inference.prompt_tokens.labels("m").inc(10)
+    inference.generated_tokens.labels("m").inc(3)
     inference.requests_in_flight.labels("m", "Generate").set(0)
     inference.requests.labels("m", "Generate", "OK").inc()
     inference.aborted_requests.labels("m").inc()

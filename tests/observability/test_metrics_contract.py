@@ -14,10 +14,10 @@ from smallfirst.common.metrics import (
     PHASE_RUN,
     PHASE_SUBMIT_TO_RESULT,
     FrontierMetrics,
-    InferenceServerMetrics,
     JobMetrics,
     QueueCollector,
 )
+from smallfirst.inference.metrics import InferenceMetrics
 from tests.deploy.manifests import contract_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     JobMetrics(registry)
     FrontierMetrics(registry)
-    InferenceServerMetrics("m", registry)
+    InferenceMetrics("m", registry)
     families = [*registry.collect(), *QueueCollector("redis://127.0.0.1:1/0").describe()]
     return {f.name + "_total" if f.type == "counter" else f.name for f in families}
 

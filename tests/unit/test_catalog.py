@@ -79,3 +79,50 @@ def test_duplicate_task_across_files_is_refused(tmp_path: Path) -> None:
 def test_missing_catalog_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="does not exist"):
         load_catalog(tmp_path / "nope.yaml")
+
+
+LABELS = "    labels: [{name: a}, {name: b}, {name: none_of_these}]\n"
+
+
+def test_learning_policy_is_read_with_its_defaults(tmp_path: Path) -> None:
+    # given: a classify task that learns towards a target accuracy, with an out-of-scope label
+    path = write(tmp_path, "tasks:\n  - name: t9\n    kind: classify\n" + LABELS
+                 + "    learning: {enabled: true, target_accuracy: 0.97, shadow_rate: 0.05,\n"
+                   "               out_of_scope_label: none_of_these, max_examples_per_label: 50}\n" + BINDINGS)
+    # when
+    task = load_catalog(path).get("t9")
+    # then: the given fields are kept and the rest default
+    assert task is not None
+    assert task.learns
+    assert task.learning.target_accuracy == 0.97
+    assert task.learning.shadow_rate == 0.05
+    assert task.learning.out_of_scope_label == "none_of_these"
+    assert task.learning.max_examples_per_label == 50
+    assert task.learning.retention_days == 90.0
+    assert task.learning.keep_local_only is False
+
+
+def test_a_task_without_a_learning_section_does_not_learn(catalog) -> None:
+    # then: learning is opt-in per task
+    assert not catalog.get("invoice_fields").learns
+
+
+def test_out_of_scope_label_must_be_a_label_of_the_task(tmp_path: Path) -> None:
+    path = write(tmp_path, "tasks:\n  - name: t10\n    kind: classify\n" + LABELS
+                 + "    learning: {enabled: true, out_of_scope_label: other}\n" + BINDINGS)
+    with pytest.raises(CatalogError, match="out_of_scope_label"):
+        load_catalog(path)
+
+
+def test_learning_is_refused_on_a_generate_task(tmp_path: Path) -> None:
+    path = write(tmp_path, "tasks:\n  - name: t11\n    kind: generate\n    learning: {enabled: true}\n" + BINDINGS)
+    with pytest.raises(CatalogError, match="only classify tasks learn"):
+        load_catalog(path)
+
+
+@pytest.mark.parametrize("field", ["target_accuracy: 1.5", "shadow_rate: -0.1", "max_examples_per_label: 0"])
+def test_out_of_range_learning_settings_are_refused(tmp_path: Path, field: str) -> None:
+    path = write(tmp_path, "tasks:\n  - name: t12\n    kind: classify\n" + LABELS
+                 + f"    learning: {{enabled: true, {field}}}\n" + BINDINGS)
+    with pytest.raises(CatalogError, match="learning"):
+        load_catalog(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -22,7 +24,7 @@ from smallfirst.common.jobs import (
     Verdict,
     new_job_id,
 )
-from smallfirst.common.store import JobStore
+from smallfirst.common.store import JobNotFound, JobStore
 
 
 @pytest.fixture
@@ -77,9 +79,10 @@ def test_job_completes_exactly_once_under_concurrent_completions(store: JobStore
 
     def complete() -> None:
         try:
-            store.transition(job.id, lambda j: lifecycle.succeed(
-                j, attempt_number=attempt_no, task_id="d1", now=time.time(), answer={"label": "card_arrival"},
-                confidence=0.9, usage=Usage(input_tokens=5), cost_usd=0.0, verdict=Verdict(passed=True)))
+            store.transition(job.id, lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+                attempt_number=attempt_no, task_id="d1", now=time.time(), answer={"label": "card_arrival"},
+                confidence=0.9, usage=Usage(input_tokens=5), cost_usd=0.0, verdict=Verdict(passed=True),
+                billed=True)))
             results.append("won")
         except lifecycle.TransitionRefused:
             results.append("refused")
@@ -105,9 +108,9 @@ def test_late_answer_does_not_overwrite_cancel(store: JobStore) -> None:
     store.transition(job.id, lambda j: lifecycle.cancel(j, now=time.time()))
     # when: the worker's answer arrives afterwards
     with pytest.raises(lifecycle.TransitionRefused):
-        store.transition(job.id, lambda j: lifecycle.succeed(
-            j, attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(), answer={"label": "x"},
-            confidence=1.0, usage=Usage(), cost_usd=0.0, verdict=Verdict(passed=True)))
+        store.transition(job.id, lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+            attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(), answer={"label": "x"},
+            confidence=1.0, usage=Usage(), cost_usd=0.0, verdict=Verdict(passed=True), billed=True)))
     # then
     final = store.get(job.id)
     assert final.status is JobStatus.CANCELLED
@@ -119,20 +122,21 @@ def test_escalation_hands_job_to_frontier_and_counts_reason(store: JobStore) -> 
     job = make_job()
     store.create(job)
     running = begin(store, job, Tier.SMALL, "d1")
-    _, escalated = store.transition(job.id, lambda j: lifecycle.escalate(
-        j, attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(),
-        reasons=["min_confidence: confidence 0.2 is below 0.5"], answer={"label": "card_arrival"}, confidence=0.2,
-        usage=Usage(input_tokens=7), verdict=Verdict(passed=False, reasons=["min_confidence: low"])))
+    _, escalated = store.transition(job.id, lambda j: lifecycle.escalate(j, lifecycle.AttemptEnd(
+        attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(),
+        answer={"label": "card_arrival"}, confidence=0.2, usage=Usage(input_tokens=7),
+        verdict=Verdict(passed=False, reasons=["min_confidence: low"]), billed=True),
+        reasons=["min_confidence: confidence 0.2 is below 0.5"]))
     assert escalated.status is JobStatus.ESCALATED
     # when: a small delivery arrives again, it is refused; a frontier delivery starts
     with pytest.raises(lifecycle.TransitionRefused) as info:
         begin(store, job, Tier.SMALL, "d1-again")
     assert info.value.reason == lifecycle.REFUSED_ESCALATION_PENDING
     frontier = begin(store, job, Tier.FRONTIER, "f1")
-    _, done = store.transition(job.id, lambda j: lifecycle.succeed(
-        j, attempt_number=frontier.attempts[-1].number, task_id="f1", now=time.time(),
+    _, done = store.transition(job.id, lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+        attempt_number=frontier.attempts[-1].number, task_id="f1", now=time.time(),
         answer={"label": "card_arrival"}, confidence=None, usage=Usage(input_tokens=100, output_tokens=10),
-        cost_usd=0.002, verdict=Verdict(passed=True)))
+        cost_usd=0.002, verdict=Verdict(passed=True), billed=True)))
     # then
     assert [a.tier for a in done.attempts] == [Tier.SMALL, Tier.FRONTIER]
     stats = store.redis.hgetall(k.stats_key("t1", "banking77_intent"))
@@ -151,8 +155,8 @@ def test_terminal_transition_publishes_event_and_fills_webhook_outbox(store: Job
     pubsub.get_message(timeout=1)
     running = begin(store, job, Tier.SMALL, "d1")
     # when
-    store.transition(job.id, lambda j: lifecycle.fail(
-        j, attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(),
+    store.transition(job.id, lambda j: lifecycle.fail(j, lifecycle.AttemptEnd(
+        attempt_number=running.attempts[-1].number, task_id="d1", now=time.time()),
         error=ErrorInfo(code="validation_failed", message="no")))
     # then
     message = pubsub.get_message(timeout=2)
@@ -170,3 +174,62 @@ def test_active_index_tracks_lease_of_running_job(store: JobStore) -> None:
     assert store.redis.zscore(k.ACTIVE_JOBS_KEY, job.id) == pytest.approx(now + 120)
     assert store.due_jobs(now + 119) == []
     assert store.due_jobs(now + 121) == [job.id]
+
+
+def succeed_attempt(attempt_number: int, task_id: str) -> Callable[[Job], Job]:
+    return lambda j: lifecycle.succeed(j, lifecycle.AttemptEnd(
+        attempt_number=attempt_number, task_id=task_id, now=time.time(), answer={"label": "card_arrival"},
+        confidence=0.9, usage=Usage(input_tokens=5), cost_usd=0.0, verdict=Verdict(passed=True), billed=True))
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    stats: Any = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()}
+
+
+def test_a_transition_from_the_record_this_worker_wrote_does_not_read_the_job_first(store: JobStore) -> None:
+    # given: a running attempt, whose record the worker holds from its own begin
+    job = make_job()
+    store.create(job)
+    running = begin(store, job, Tier.SMALL, "d1")
+    before = command_calls(store.redis)
+
+    # when: it ends the attempt from that record
+    _, done = store.transition(job.id, succeed_attempt(running.attempts[-1].number, "d1"), expected=running)
+
+    # then: the job ended, written by one script call and no GET of the worker
+    after = command_calls(store.redis)
+    assert done.status is JobStatus.SUCCEEDED
+    assert store.get(job.id).status is JobStatus.SUCCEEDED
+    assert after.get("evalsha", 0) - before.get("evalsha", 0) == 1
+    # The script's own GET is counted too: one in all.
+    assert after.get("get", 0) - before.get("get", 0) == 1
+
+
+def test_a_transition_from_a_stale_record_is_applied_to_the_current_one(store: JobStore) -> None:
+    # given: a running attempt that the tenant cancelled after the worker read it
+    job = make_job()
+    store.create(job)
+    running = begin(store, job, Tier.SMALL, "d1")
+    store.transition(job.id, lambda j: lifecycle.cancel(j, now=time.time()))
+
+    # when: the worker ends the attempt from the record it holds
+    with pytest.raises(lifecycle.TransitionRefused):
+        store.transition(job.id, succeed_attempt(running.attempts[-1].number, "d1"), expected=running)
+
+    # then: the cancel stands
+    final = store.get(job.id)
+    assert final.status is JobStatus.CANCELLED
+    assert final.result is None
+
+
+def test_a_transition_of_a_job_that_expired_meanwhile_says_it_is_not_found(store: JobStore) -> None:
+    # given: a running attempt whose record is gone (retention ended)
+    job = make_job()
+    store.create(job)
+    running = begin(store, job, Tier.SMALL, "d1")
+    store.redis.delete(k.job_key(job.id))
+
+    # when / then
+    with pytest.raises(JobNotFound):
+        store.transition(job.id, succeed_attempt(running.attempts[-1].number, "d1"), expected=running)

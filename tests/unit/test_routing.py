@@ -7,8 +7,15 @@ from typing import Any
 import pytest
 
 from smallfirst.common.catalog import Task
-from smallfirst.common.jobs import RouteReason, Tier, TierHint
-from smallfirst.common.routing import CHARS_PER_TOKEN, RouteRequest, RoutingConflict, decide_route, is_local_only
+from smallfirst.common.jobs import FrontierMode, Priority, RouteReason, Tier, TierHint
+from smallfirst.common.routing import (
+    CHARS_PER_TOKEN,
+    RouteRequest,
+    RoutingConflict,
+    decide_frontier_mode,
+    decide_route,
+    is_local_only,
+)
 
 
 def make_task(default_tier: Tier = Tier.SMALL, local_only: bool = False, max_context_tokens: int = 512,
@@ -95,3 +102,41 @@ def test_input_beyond_the_small_models_budget_goes_to_frontier() -> None:
     assert fitting.tier is Tier.SMALL
     assert (overflowing.tier, overflowing.reason) == (Tier.FRONTIER, RouteReason.CONTEXT_LENGTH)
     assert "401" in overflowing.detail
+
+
+# ---- frontier mode: job overrides tenant overrides task; auto batches low priority and shadow ---
+def task_with_mode(mode: str) -> Task:
+    spec: dict[str, Any] = {
+        "name": "summary", "kind": "generate", "routing": {"default_tier": "frontier", "frontier_mode": mode},
+        "small": {"model": "tiny"}, "frontier": {"model": "claude-haiku-5-5"},
+    }
+    return Task.model_validate(spec)
+
+
+@pytest.mark.parametrize(("task_mode", "tenant_mode", "job_mode", "priority", "shadow", "mode", "source"), [
+    ("realtime", None, None, Priority.LOW, False, FrontierMode.REALTIME, "task"),
+    ("batch", None, None, Priority.HIGH, False, FrontierMode.BATCH, "task"),
+    ("batch", FrontierMode.REALTIME, None, Priority.LOW, False, FrontierMode.REALTIME, "tenant"),
+    ("realtime", FrontierMode.REALTIME, FrontierMode.BATCH, Priority.HIGH, False, FrontierMode.BATCH, "job"),
+    ("batch", FrontierMode.BATCH, FrontierMode.REALTIME, Priority.LOW, False, FrontierMode.REALTIME, "job"),
+    ("realtime", None, FrontierMode.AUTO, Priority.LOW, False, FrontierMode.BATCH, "job:auto:low_priority"),
+    ("realtime", None, FrontierMode.AUTO, Priority.NORMAL, False, FrontierMode.REALTIME,
+     "job:auto:normal_priority"),
+    ("realtime", FrontierMode.AUTO, None, Priority.HIGH, True, FrontierMode.BATCH, "tenant:auto:shadow"),
+    ("auto", None, None, Priority.LOW, False, FrontierMode.BATCH, "task:auto:low_priority"),
+    ("auto", None, None, Priority.HIGH, False, FrontierMode.REALTIME, "task:auto:high_priority"),
+])
+def test_the_frontier_mode_is_the_most_specific_level_that_sets_one(
+        task_mode: str, tenant_mode: FrontierMode | None, job_mode: FrontierMode | None, priority: Priority,
+        shadow: bool, mode: FrontierMode, source: str) -> None:
+    # given
+    request = RouteRequest(task=task_with_mode(task_mode), input_chars=100, priority=priority,
+                           job_frontier_mode=job_mode, tenant_frontier_mode=tenant_mode, shadow=shadow)
+
+    # when
+    decision = decide_route(request)
+
+    # then: the decision is stored with the route, which level made it too
+    assert decide_frontier_mode(request) == (mode, source)
+    assert (decision.frontier_mode, decision.frontier_mode_source) == (mode, source)
+    assert decision.tier is Tier.FRONTIER

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pytest
+
 from smallfirst.common.jobs import Tier
-from smallfirst.common.validation import validate
+from smallfirst.common.validation import LearnedGate, validate
 
 
 def test_classify_answer_outside_labels_fails(catalog) -> None:
@@ -76,3 +78,25 @@ def test_frontier_classify_answer_needs_no_confidence(catalog) -> None:
 def test_small_classify_answer_without_confidence_fails(catalog) -> None:
     verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, None, {"text": "card?"})
     assert verdict.reasons == ["min_confidence: the answer carries no confidence"]
+
+
+# (name, confidence, novelty, expected reason prefixes) for a head gating at 0.3 with a floor of 0.4
+GATE_ROWS = [
+    ("confident and familiar: passes, though below the seed scorer's min_confidence 0.5", 0.35, 0.1, []),
+    ("below the calibrated threshold: escalates", 0.25, 0.1, ["learned_threshold:"]),
+    ("confident but unlike any training example: escalates", 0.99, 0.6, ["novelty:"]),
+    ("both", 0.1, 0.6, ["learned_threshold:", "novelty:"]),
+]
+
+
+@pytest.mark.parametrize(("name", "confidence", "novelty", "prefixes"), GATE_ROWS, ids=[r[0] for r in GATE_ROWS])
+def test_a_trained_heads_gate_replaces_min_confidence(catalog, name: str, confidence: float, novelty: float,
+                                                      prefixes: list[str]) -> None:
+    # given: the Banking77 task (min_confidence 0.5) answered by a head gating at 0.3
+    gate = LearnedGate(version=3, threshold=0.3, novelty=novelty, novelty_floor=0.4)
+    # when
+    verdict = validate(catalog.get("banking77_intent"), {"label": "card_arrival"}, confidence, {"text": "card?"},
+                       gate=gate)
+    # then
+    assert [reason.split(" ")[0] for reason in verdict.reasons] == prefixes, name
+    assert all("head v3" in reason for reason in verdict.reasons)

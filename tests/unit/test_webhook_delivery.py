@@ -33,8 +33,8 @@ def ended_job(store: JobStore, callback_url: str) -> Job:
     store.create(job)
     _, running = store.transition(job.id, lambda j: lifecycle.begin_attempt(
         j, tier=Tier.SMALL, model="m", worker="w", task_id="d1", now=now, lease_s=60))
-    store.transition(job.id, lambda j: lifecycle.fail(
-        j, attempt_number=running.attempts[-1].number, task_id="d1", now=time.time(),
+    store.transition(job.id, lambda j: lifecycle.fail(j, lifecycle.AttemptEnd(
+        attempt_number=running.attempts[-1].number, task_id="d1", now=time.time()),
         error=ErrorInfo(code="validation_failed", message="no")))
     return job
 

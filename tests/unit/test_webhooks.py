@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 
 import pytest
 
@@ -12,6 +13,7 @@ from smallfirst.common.webhooks import (
     CallbackUrlRefused,
     WebhookVerificationError,
     check_callback_url,
+    embedded_ipv4,
     generate_secret,
     sign,
     signature_headers,
@@ -142,3 +144,68 @@ def test_operator_may_allow_private_targets() -> None:
 
 def test_public_address_literal_is_accepted_without_dns() -> None:
     assert check_callback_url("https://93.184.216.34/hook", allow_private=False) == ["93.184.216.34"]
+
+
+# Each IPv6 form that embeds an IPv4 address, hiding a private one (refused) or a public one (kept).
+# 10.0.0.1 is 0a00:0001 in hex, 127.0.0.1 is 7f00:0001, 169.254.169.254 is a9fe:a9fe.
+EMBEDDING_FORMS = {
+    "nat64_well_known": ("64:ff9b::a00:1", "64:ff9b::5db8:d822"),
+    "nat64_local_use": ("64:ff9b:1::a00:1", "64:ff9b:1::5db8:d822"),
+    "ipv4_compatible": ("::10.0.0.1", "::93.184.216.34"),
+    "ipv4_mapped": ("::ffff:a9fe:a9fe", "::ffff:93.184.216.34"),
+    "sixtofour": ("2002:7f00:1::1", "2002:5db8:d822::1"),
+    # Teredo: server 65.54.227.120, client 10.0.0.1 stored inverted (0a00:0001 -> f5ff:fffe).
+    "teredo": ("2001:0:4136:e378:8000:63bf:f5ff:fffe", None),
+}
+
+
+@pytest.mark.parametrize("form", sorted(EMBEDDING_FORMS))
+def test_ipv6_forms_that_embed_a_private_ipv4_address_are_refused(form: str) -> None:
+    # given: a callback host written as that IPv6 form of a private address
+    private, _ = EMBEDDING_FORMS[form]
+
+    # when / then
+    with pytest.raises(CallbackUrlRefused, match="non-public"):
+        check_callback_url(f"http://[{private}]/hook", allow_private=False)
+
+
+@pytest.mark.parametrize("form", sorted(name for name, (_, public) in EMBEDDING_FORMS.items() if public))
+def test_ipv6_forms_that_embed_a_public_ipv4_address_are_kept(form: str) -> None:
+    # given: the same form around a public address (93.184.216.34 is 5db8:d822)
+    _, public = EMBEDDING_FORMS[form]
+    assert public is not None
+
+    # when
+    addresses = check_callback_url(f"http://[{public}]/hook", allow_private=False)
+
+    # then
+    assert addresses == [str(ipaddress.ip_address(public))]
+
+
+@pytest.mark.parametrize("form", sorted(EMBEDDING_FORMS))
+def test_a_hostname_resolving_to_an_embedding_form_of_a_private_address_is_refused(form: str) -> None:
+    # given: DNS (AAAA) that answers with the IPv6 form, as a NAT64 resolver (DNS64) would
+    private, _ = EMBEDDING_FORMS[form]
+
+    def resolver(host: str, port: int) -> list[str]:
+        return [private]
+
+    # when / then
+    with pytest.raises(CallbackUrlRefused, match="non-public"):
+        check_callback_url("https://hooks.example.com/cb", allow_private=False, resolver=resolver)
+
+
+def test_embedded_ipv4_is_extracted_from_each_form() -> None:
+    # when
+    found = {form: [str(a) for a in embedded_ipv4(ipaddress.IPv6Address(private))]
+             for form, (private, _) in EMBEDDING_FORMS.items()}
+
+    # then
+    assert found == {
+        "nat64_well_known": ["10.0.0.1"],
+        "nat64_local_use": ["10.0.0.1"],
+        "ipv4_compatible": ["10.0.0.1"],
+        "ipv4_mapped": ["169.254.169.254"],
+        "sixtofour": ["127.0.0.1"],
+        "teredo": ["65.54.227.120", "10.0.0.1"],
+    }

@@ -19,23 +19,35 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from smallfirst.api.auth import Authenticator
+from smallfirst.api.callbacks import CallbackChecker
 from smallfirst.api.commit import GroupCommitter
+from smallfirst.api.dashboard.routes import PREFIX as DASHBOARD_PREFIX
+from smallfirst.api.dashboard.routes import STATIC_DIR, Dashboard
+from smallfirst.api.dashboard.routes import router as dashboard_router
+from smallfirst.api.dashboard.views import DashboardViews, StoredDeadLetters
+from smallfirst.api.deadletters import DeadLetterQuery, DeadLetterService
 from smallfirst.api.errors import ApiError, error_body, install_error_handlers, json_bytes, json_response
 from smallfirst.api.events import JobEventHub
-from smallfirst.api.idempotency import REPLAYED_HEADER, IdempotencyStore, StoredResponse, fingerprint
+from smallfirst.api.idempotency import REPLAYED_HEADER, IdempotencyStore, Receipt, StoredResponse, fingerprint
+from smallfirst.api.learning import FeedbackRequest, Learning, StoredLearning
 from smallfirst.api.limits import BodySizeLimit
 from smallfirst.api.metrics import ApiMetrics
 from smallfirst.api.models import (
     BatchRequest,
     BatchResponse,
+    BulkReplayRequest,
+    BulkReplayResponse,
+    DeadLetterList,
     ErrorResponse,
     Health,
     JobList,
     JobRequest,
     JobResource,
+    ReplayRequest,
     StatsResponse,
     TaskList,
 )
@@ -49,7 +61,7 @@ from smallfirst.common import telemetry
 from smallfirst.common.catalog import Catalog, CatalogError, load_catalog
 from smallfirst.common.jobs import JobStatus, Tier
 from smallfirst.common.queues import Publisher, make_celery
-from smallfirst.common.store import AsyncJobStore
+from smallfirst.common.store import AsyncJobStore, JobStore
 from smallfirst.common.tenants import AsyncTenantRegistry, Tenant
 
 log = logging.getLogger(__name__)
@@ -95,6 +107,8 @@ class Runtime:
     hub: JobEventHub
     pump: PublishPump
     metrics: ApiMetrics
+    learning: Learning
+    dead_letters: DeadLetterService
 
 
 def runtime(request: Request) -> Runtime:
@@ -118,10 +132,15 @@ def _send(stored: StoredResponse) -> Response:
 
 
 async def _idempotent(request: Request, tenant: Tenant, key: str | None, payload: Any,
-                      handle: Callable[[], Awaitable[StoredResponse]]) -> Response:
+                      handle: Callable[[Receipt], Awaitable[StoredResponse]]) -> Response:
     rt = runtime(request)
     request_fingerprint = fingerprint(request.method, request.url.path, payload)
-    return _send(await rt.idempotency.run(tenant.id, key, request_fingerprint, handle))
+
+    async def render(replay: dict[str, Any]) -> bytes:
+        return json_bytes(await rt.service.render_replay(tenant, replay))
+
+    return _send(await rt.idempotency.run(tenant.id, key, request_fingerprint, handle, render=render,
+                                          ttl_s=tenant.idempotency_ttl_s))
 
 
 router = APIRouter()
@@ -135,9 +154,9 @@ async def submit_job(request: Request, body: JobRequest, tenant: TenantDep,
     resource at once; follow it with `GET /v1/jobs/{id}?wait=60`."""
     service = runtime(request).service
 
-    async def handle() -> StoredResponse:
-        job = await service.submit(tenant, body)
-        return StoredResponse(202, json_bytes(job.public()))
+    async def handle(receipt: Receipt) -> StoredResponse:
+        job = await service.submit(tenant, body, receipt)
+        return receipt.prepared or StoredResponse(202, json_bytes(job.public()), replay={"job": job.id})
 
     return await _idempotent(request, tenant, idempotency_key, body.model_dump(mode="json"), handle)
 
@@ -151,17 +170,15 @@ async def submit_batch(request: Request, body: BatchRequest, tenant: TenantDep,
     counts its jobs against the quota; items beyond it get 429."""
     service = runtime(request).service
 
-    async def handle() -> StoredResponse:
-        outcome = await service.submit_batch(tenant, body)
-        data = {"object": "batch", "accepted": outcome.accepted, "rejected": len(outcome.results) - outcome.accepted,
-                "results": outcome.results}
-        return StoredResponse(202, json_bytes(data))
+    async def handle(receipt: Receipt) -> StoredResponse:
+        outcome = await service.submit_batch(tenant, body, receipt)
+        return receipt.prepared or StoredResponse(202, json_bytes(outcome.body()), replay=outcome.replay())
 
     return await _idempotent(request, tenant, idempotency_key, body.model_dump(mode="json"), handle)
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], summary="List jobs",
-            **_authenticated(422))
+            **_authenticated(400, 422))
 async def list_jobs(
     request: Request,
     tenant: TenantDep,
@@ -188,7 +205,7 @@ async def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobResource, tags=["jobs"], summary="Get a job (long-poll)",
-            **_authenticated(404, 422))
+            **_authenticated(404, 422, 429))
 async def get_job(
     request: Request,
     tenant: TenantDep,
@@ -208,11 +225,76 @@ async def cancel_job(request: Request, tenant: TenantDep, job_id: Annotated[str,
     """Cancel a job that has not ended; 409 `job_already_ended` (with the job) if it has."""
     service = runtime(request).service
 
-    async def handle() -> StoredResponse:
+    async def handle(_: Receipt) -> StoredResponse:
         job = await service.cancel(tenant, job_id)
-        return StoredResponse(200, json_bytes(job.public()))
+        return StoredResponse(200, json_bytes(job.public()), replay={"job": job.id})
 
     return await _idempotent(request, tenant, idempotency_key, {"job_id": job_id}, handle)
+
+
+@router.post("/v1/jobs/{job_id}/replay", status_code=202, response_model=JobResource, tags=["dead letters"],
+             summary="Replay a dead-lettered job", **_authenticated(404, 409, 422))
+async def replay_job(request: Request, tenant: TenantDep, job_id: Annotated[str, Path(max_length=128)],
+                     body: ReplayRequest | None = None, idempotency_key: IdempotencyKey = None) -> Response:
+    """Run a dead-lettered job again: a new attempt of the same job, its earlier attempts kept, with
+    a fresh deadline; its entry leaves the dead letters. 202 with the job. Idempotent per entry: a
+    repeat once the entry is replayed answers 200 with the job as it is and starts nothing (and per
+    `Idempotency-Key`, as every POST). 409 `job_not_dead_lettered` for a job that never was."""
+    dead_letters = runtime(request).dead_letters
+    deadline_s = body.deadline_s if body is not None else None
+
+    async def handle(_: Receipt) -> StoredResponse:
+        replay = await dead_letters.replay(tenant, job_id, deadline_s)
+        return StoredResponse(202 if replay.replayed else 200, json_bytes(replay.job.public()),
+                              replay={"job": replay.job.id})
+
+    return await _idempotent(request, tenant, idempotency_key, {"job_id": job_id, "deadline_s": deadline_s}, handle)
+
+
+@router.get("/v1/dead-letters", response_model=DeadLetterList, tags=["dead letters"], summary="List dead letters",
+            **_authenticated(400, 422))
+async def list_dead_letters(
+    request: Request,
+    tenant: TenantDep,
+    limit: Annotated[int | None, Query(ge=1, description="Page size (default 20, at most list_max_limit).")] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    reason: Annotated[str | None, Query(max_length=64, description="Only entries with this reason.")] = None,
+    failed_after: Annotated[datetime | None, Query(description="Failed at or after (ISO 8601 or Unix s).")] = None,
+    failed_before: Annotated[datetime | None, Query(description="Failed before (ISO 8601 or Unix s).")] = None,
+) -> Response:
+    """The tenant's jobs that failed for a reason a person can act on (`deadline_exceeded`,
+    `frontier_rejected`, `budget_exceeded`, `validation_failed`), newest first, each with its
+    reason; replay one with `POST /v1/jobs/{id}/replay`."""
+    rt = runtime(request)
+    page_size = limit or rt.settings.list_default_limit
+    if page_size > rt.settings.list_max_limit:
+        raise ApiError(422, "invalid_request", f"limit must be at most {rt.settings.list_max_limit}",
+                       [{"field": "query.limit", "message": f"at most {rt.settings.list_max_limit}",
+                         "type": "less_than_equal"}])
+    page = await rt.dead_letters.list_entries(tenant, DeadLetterQuery(
+        limit=page_size, cursor=cursor, reason=reason,
+        failed_after=failed_after.timestamp() if failed_after is not None else None,
+        failed_before=failed_before.timestamp() if failed_before is not None else None))
+    return json_response(200, {"object": "list", "data": [e.model_dump(mode="json") for e in page.entries],
+                                "has_more": page.has_more, "next_cursor": page.next_cursor})
+
+
+@router.post("/v1/dead-letters/replay", response_model=BulkReplayResponse, tags=["dead letters"],
+             summary="Replay dead letters by reason and time range", **_authenticated(409, 422))
+async def replay_dead_letters(request: Request, tenant: TenantDep, body: BulkReplayRequest,
+                              idempotency_key: IdempotencyKey = None) -> Response:
+    """Replay the tenant's newest `limit` dead letters that match `reason` and the time range; call
+    again while `has_more`. An entry replayed meanwhile is listed in `skipped`."""
+    dead_letters = runtime(request).dead_letters
+
+    async def handle(_: Receipt) -> StoredResponse:
+        replayed, skipped, has_more = await dead_letters.replay_many(tenant, DeadLetterQuery(
+            limit=body.limit, reason=body.reason, failed_after=body.failed_after,
+            failed_before=body.failed_before), body.deadline_s)
+        return StoredResponse(200, json_bytes({"object": "bulk_replay", "replayed": replayed, "skipped": skipped,
+                                               "has_more": has_more}))
+
+    return await _idempotent(request, tenant, idempotency_key, body.model_dump(mode="json"), handle)
 
 
 @router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="List the task catalog",
@@ -225,6 +307,36 @@ async def list_tasks(request: Request, _tenant: TenantDep) -> Response:
 @router.get("/v1/tasks/{name}", tags=["tasks"], summary="Get a task", **_authenticated(404))
 async def get_task(request: Request, _tenant: TenantDep, name: str) -> Response:
     return json_response(200, runtime(request).service.task(name).public())
+
+
+@router.post("/v1/jobs/{job_id}/feedback", response_model=JobResource, tags=["jobs"],
+             summary="Give the correct answer to a job", **_authenticated(404, 409, 422))
+async def give_feedback(request: Request, tenant: TenantDep, job_id: Annotated[str, Path(max_length=128)],
+                        body: FeedbackRequest) -> Response:
+    """The answer the job should have had (and a comment), by the job's own tenant, once per job: a
+    repeat with the same answer returns the job, another answer is 409 `feedback_already_given`.
+    Counted in `/v1/stats` (`feedback`, `feedback_errors:{tier}`), shown on the job, and, for a task
+    that learns, kept as a training example."""
+    job = await runtime(request).learning.feedback(tenant, job_id, body)
+    return json_response(200, job.public())
+
+
+@router.get("/v1/tasks/{name}/model", tags=["tasks"], summary="A task's live model", **_authenticated(404))
+async def get_task_model(request: Request, _tenant: TenantDep, name: str) -> Response:
+    """The scorer answering the task on the small tier: the trained head's version, when it was
+    trained, its calibrated threshold and novelty floor, held-out metrics (accuracy, the accuracy
+    bound of kept answers, the expected frontier share, shadow agreement), and examples per
+    source and label; the seed nearest-neighbour scorer until a head goes live."""
+    return json_response(200, await runtime(request).learning.model(name))
+
+
+@router.get("/v1/tasks/{name}/examples", tags=["tasks"], summary="Export the tenant's examples of a task (JSONL)",
+            **_authenticated(404))
+async def export_examples(request: Request, tenant: TenantDep, name: str) -> StreamingResponse:
+    """One JSON object per line: text, answer, source (frontier, shadow, feedback), job id, model and
+    time, for the calling tenant's jobs (`smallfirst examples export TASK` exports every tenant's)."""
+    lines = await runtime(request).learning.export(tenant, name)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
 @router.get("/v1/stats", response_model=StatsResponse, tags=["stats"], summary="Usage, escalations, cost, savings",
@@ -253,7 +365,9 @@ async def readyz(request: Request) -> Response:
         await asyncio.wait_for(rt.redis.ping(), _READY_PING_TIMEOUT_S)
         checks["redis"] = {"ok": True}
     except (redis.RedisError, OSError, TimeoutError) as exc:
-        checks["redis"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+        # The error text names hosts and ports: it goes to the log, the probe gets only the verdict.
+        log.warning("readiness: redis does not answer: %s", str(exc) or type(exc).__name__)
+        checks["redis"] = {"ok": False}
     checks["job_events"] = {"ok": rt.hub.subscribed}
     checks["publisher"] = {"ok": rt.pump.alive}
     if all(check["ok"] for check in checks.values()):
@@ -291,21 +405,36 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Its own connection pool: the subscription holds a connection for as long as the process runs.
         events_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
         celery_app = make_celery(settings)
-        pump = PublishPump(Publisher(celery_app), settings.publish_batch_max)
+        # The publisher thread's own blocking client: it confirms each published group there.
+        outbox_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        outbox = JobStore(outbox_client, retention_s=settings.job_retention_s,
+                          stale_after_s=settings.sweep_stale_after_s)
+        pump = PublishPump(Publisher(celery_app), settings.publish_batch_max, on_published=outbox.published)
         hub = JobEventHub(events_client)
         metrics = ApiMetrics(settings.redis_url)
         store = AsyncJobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
         committer = GroupCommitter(store, settings.commit_group_max_jobs)
+        callbacks = CallbackChecker(max_concurrency=settings.callback_dns_max_concurrency,
+                                    max_pending=settings.callback_dns_max_pending,
+                                    timeout_s=settings.callback_dns_timeout_s)
         service = JobService(settings=settings, catalog=catalog, redis=client, store=store, committer=committer,
                              pump=pump,
                              quota=QuotaLimiter(client, settings.default_quota_jobs_per_minute), hub=hub,
-                             stats=StatsReader(client), metrics=metrics)
+                             stats=StatsReader(client), metrics=metrics, callbacks=callbacks)
+        tenant_registry = AsyncTenantRegistry(client)
+        operator_key = settings.operator_key.get_secret_value() if settings.operator_key is not None else None
+        dead_letters = DeadLetterService(settings, client, store, pump, metrics)
+        learning = Learning(service, settings.redis_url, client)
+        app.state.dashboard = Dashboard.build(settings, DashboardViews(
+            catalog=catalog, redis=client, service=service, tenants=tenant_registry, operator_key=operator_key,
+            dead_letters=StoredDeadLetters(dead_letters), learning=StoredLearning(learning)), client)
         app.state.runtime = Runtime(
             settings=settings, catalog=catalog, redis=client, service=service,
-            auth=Authenticator(AsyncTenantRegistry(client), settings.tenant_cache_ttl_s),
+            auth=Authenticator(tenant_registry, settings.tenant_cache_ttl_s),
             idempotency=IdempotencyStore(client, ttl_s=settings.idempotency_ttl_s,
                                          in_flight_ttl_s=settings.idempotency_in_flight_ttl_s),
-            hub=hub, pump=pump, metrics=metrics)
+            hub=hub, pump=pump, metrics=metrics, learning=learning,
+            dead_letters=dead_letters)
         pump.start()
         await hub.start()
         log.info("smallfirst api ready: %d tasks from %s", len(catalog), settings.catalog_path)
@@ -315,7 +444,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await hub.stop()
             await pump.stop()
             celery_app.close()
+            outbox_client.close()
+            callbacks.close()
             metrics.close()
+            app.state.runtime.learning.close()
             await events_client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
             await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose()
 
@@ -336,6 +468,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(router)
+    # The dashboard: server-rendered pages and their one stylesheet and script (dashboard/routes.py).
+    app.include_router(dashboard_router)
+    app.mount(f"{DASHBOARD_PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
 
     def limit_for_path(path: str) -> int:
         return settings.max_batch_body_bytes if path == BATCH_PATH else settings.max_body_bytes

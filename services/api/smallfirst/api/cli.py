@@ -20,6 +20,7 @@ def command(host: str | None, port: int | None, workers: int | None) -> None:
     import uvicorn
 
     from smallfirst.api.app import create_app
+    from smallfirst.api.server import server_options
 
     try:
         settings = ApiSettings()
@@ -37,6 +38,7 @@ def command(host: str | None, port: int | None, workers: int | None) -> None:
         # uvicorn's own loggers then propagate to the root handler above (JSON too) instead of
         # getting uvicorn's text handlers.
         "log_config": None,
+        **server_options(settings.max_header_bytes),
     }
     if workers > 1:
         # Each worker process builds its own app (and resources) from the environment.

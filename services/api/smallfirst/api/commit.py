@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import redis
 
 from smallfirst.common.jobs import Job
-from smallfirst.common.store import AsyncJobStore
+from smallfirst.common.store import AsyncJobStore, RecordWrite
 
 
 @dataclass
 class _Pending:
     jobs: Sequence[Job]
     future: asyncio.Future[None]
+    also_set: Sequence[RecordWrite] = ()
 
 
 class GroupCommitter:
@@ -32,12 +33,13 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def create(self, jobs: Sequence[Job]) -> None:
-        """Store `jobs` (all or none), together with whatever else is being stored right now."""
+    async def create(self, jobs: Sequence[Job], also_set: Sequence[RecordWrite] = ()) -> None:
+        """Store `jobs` (all or none), together with whatever else is being stored right now, and
+        `also_set` (the request's idempotency record) in the same transaction."""
         if not jobs:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(jobs, future))
+        self._pending.append(_Pending(jobs, future, also_set))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="job-group-commit")
         await future
@@ -54,7 +56,8 @@ class GroupCommitter:
             committed = False
             error: BaseException | None = None
             try:
-                await self.store.create_many([job for item in group for job in item.jobs])
+                await self.store.create_many([job for item in group for job in item.jobs],
+                                             [write for item in group for write in item.also_set])
                 committed = True
             except (redis.RedisError, OSError) as exc:
                 error = exc

@@ -21,6 +21,13 @@ from smallfirst.common import constants as k
 Position = tuple[int, str]
 
 
+# A cursor this API returns is about 60 characters; anything much longer was not made here.
+MAX_CURSOR_CHARS = 512
+# Scores are creation times in ms: below 2^53 (where a float score stops being exact).
+MAX_SCORE = 2**53
+MAX_ID_CHARS = 128
+
+
 class InvalidCursor(ValueError):
     pass
 
@@ -30,12 +37,30 @@ def encode_cursor(position: Position) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a cursor value")
+
+
 def decode_cursor(cursor: str) -> Position:
+    """The position a cursor of `encode_cursor` names; InvalidCursor for anything else (never an
+    exception of another kind: the cursor is untrusted input)."""
+    if not cursor or len(cursor) > MAX_CURSOR_CHARS or not cursor.isascii():
+        raise InvalidCursor(cursor)
     try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return int(data["s"]), str(data["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        # NaN and Infinity are not JSON; nesting is refused by the shape check below, but a
+        # string of brackets could exhaust the recursion limit while parsing, hence RecursionError.
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (binascii.Error, ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise InvalidCursor(cursor) from exc
+    if not isinstance(data, dict) or set(data) != {"s", "id"}:
+        raise InvalidCursor(cursor)
+    score, job_id = data["s"], data["id"]
+    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score < MAX_SCORE:
+        raise InvalidCursor(cursor)
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_ID_CHARS or not job_id.isprintable():
+        raise InvalidCursor(cursor)
+    return score, job_id
 
 
 def _text(value: bytes | str) -> str:

@@ -7,9 +7,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
-from smallfirst.common.jobs import Attempt, Job, JobStatus, Priority, Tier, TierHint
+from smallfirst.common.deadletters import DeadLetter
+from smallfirst.common.jobs import Attempt, FrontierMode, Job, JobStatus, Priority, Tier, TierHint
 
 MAX_METADATA_ENTRIES = 50
+# Year 5138: later than any job's time, small enough for a millisecond score.
+MAX_UNIX_TIME_S = 1e11
 MAX_METADATA_KEY_CHARS = 40
 MAX_METADATA_VALUE_CHARS = 500
 MAX_CALLBACK_URL_CHARS = 2048
@@ -17,6 +20,10 @@ MAX_TASK_NAME_CHARS = 64
 
 MetadataKey = Annotated[str, Field(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[StrictStr, Field(max_length=MAX_METADATA_VALUE_CHARS)]
+
+
+# A week: the longest a job may wait for a provider that keeps failing.
+MAX_DEADLINE_S = 7 * 24 * 3600
 
 
 class JobRequest(BaseModel):
@@ -38,7 +45,19 @@ class JobRequest(BaseModel):
         default=TierHint.AUTO,
         description="`auto` lets the routing policy choose; `small` or `frontier` asks for that tier first.")
     priority: Priority = Priority.NORMAL
+    deadline_s: float | None = Field(
+        default=None, gt=0, le=MAX_DEADLINE_S,
+        description="Seconds from submission within which the job must end. Failures of the infrastructure "
+                    "(a provider's 429/529/5xx, an inference service down) are retried with a backoff until then; "
+                    "past it the job fails with `deadline_exceeded`. Default: by priority (see the README).")
     local_only: StrictBool = Field(default=False, description="Never send this job to the frontier tier.")
+    learning: StrictBool = Field(
+        default=True, description="`false`: this job's input and answer never become a training example.")
+    frontier_mode: FrontierMode | None = Field(
+        default=None,
+        description="How the job's frontier attempts are sent: `realtime` (one Messages call), `batch` (a Message "
+                    "Batch at the batch price, answered within the provider's batch window) or `auto` (`low` "
+                    "priority goes to batches). Default: the tenant's setting, else the task's.")
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_ENTRIES)] = Field(
         default_factory=dict,
         description=f"Up to {MAX_METADATA_ENTRIES} string pairs kept with the job "
@@ -144,7 +163,21 @@ class TaskStats(BaseModel):
     output_tokens: int
     estimated_frontier_cost_usd: float = Field(
         description="What the frontier tier would have charged for the jobs the small tier served.")
-    savings_usd: float = Field(description="estimated_frontier_cost_usd minus what those jobs cost.")
+    savings_usd: float = Field(description="estimated_frontier_cost_usd minus what those jobs cost: saved by the "
+                                           "small tier.")
+    feedback: int = Field(default=0, description="Jobs given feedback (POST /v1/jobs/{id}/feedback).")
+    shadow_samples: int = Field(default=0, description="Kept small-tier answers also answered by the frontier.")
+    shadow_agreement: float | None = Field(
+        default=None, description="Share of shadow samples where the frontier agreed with the small tier.")
+    shadow_agreement_by_label: dict[str, float] = Field(default_factory=dict)
+    shadow_cost_usd: float = Field(default=0.0, description="What the shadow samples cost at the frontier.")
+    feedback_errors: dict[str, int] = Field(
+        default_factory=dict, description="Feedback that corrected the result, by the tier that served it.")
+    attempts_batched: int = Field(default=0, description="Frontier attempts sent in Message Batches.")
+    batch_cost_usd: float = Field(default=0.0, description="What the batched attempts cost, at the batch price "
+                                                           "(part of cost_usd).")
+    batch_savings_usd: float = Field(default=0.0, description="What the batched attempts would have cost in real "
+                                                              "time less what they cost: saved by batching.")
 
 
 class StatsResponse(BaseModel):
@@ -152,6 +185,52 @@ class StatsResponse(BaseModel):
     tenant: str
     tasks: list[TaskStats]
     totals: TaskStats = Field(description="The same figures over every task (`task` is `*`).")
+    budget: dict[str, Any] | None = Field(
+        default=None, description="The tenant's frontier spend budget: policy, status (ok, warning, exceeded) "
+                                  "and per period (day, month) limit_usd, spent_usd, used_ratio, resets_at.")
+
+
+class DeadLetterList(BaseModel):
+    object: str = "list"
+    data: list[DeadLetter]
+    has_more: bool
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page.")
+
+
+class ReplayRequest(BaseModel):
+    """Optional body of `POST /v1/jobs/{id}/replay`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deadline_s: float | None = Field(
+        default=None, gt=0, le=MAX_DEADLINE_S,
+        description="Seconds from the replay within which the new run must end. Default: the job's own "
+                    "deadline, measured from its submission.")
+
+
+class BulkReplayRequest(BaseModel):
+    """Replay every dead letter of the tenant that matches (`POST /v1/dead-letters/replay`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=64, description="Only entries with this reason.")
+    # Bounded so that a time is a time: the entries are scored in milliseconds, and a score out of
+    # this range is an error of Redis's, not the client's.
+    failed_after: float | None = Field(default=None, ge=0, le=MAX_UNIX_TIME_S,
+                                       description="Failed at or after (Unix s).")
+    failed_before: float | None = Field(default=None, ge=0, le=MAX_UNIX_TIME_S,
+                                        description="Failed before (Unix s).")
+    limit: int = Field(default=100, ge=1, le=1000, description="At most this many replays per call.")
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S,
+                                     description="As for a single replay.")
+
+
+class BulkReplayResponse(BaseModel):
+    object: str = "bulk_replay"
+    replayed: list[str] = Field(description="Ids of the jobs replayed by this call.")
+    skipped: list[str] = Field(default_factory=list,
+                               description="Entries that were no longer dead-lettered when their turn came.")
+    has_more: bool = Field(description="More entries match: call again.")
 
 
 class Health(BaseModel):

@@ -5,8 +5,10 @@ together are published together through one producer and a pipelined batch (see
 `Publisher.publish_jobs`), which is what lets the API accept jobs faster than a loop of
 `apply_async` calls. Each request awaits its own messages, so a 202 means "stored and queued".
 
-If publishing fails the job is still stored: the sweeper re-publishes jobs that make no progress,
-so an accepted job is never lost, only delayed; the caller logs and answers 202 all the same.
+If publishing fails the job is still stored together with its publish-outbox entry (one
+transaction, see `smallfirst.common.store`): the sweeper publishes it within seconds, so an
+accepted job is never lost, only delayed; the caller logs and answers 202 all the same. Once a
+group is published, `on_published` removes the group's outbox entries in one command.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -44,9 +46,11 @@ class PublishError(RuntimeError):
 
 
 class PublishPump:
-    def __init__(self, publisher: Publisher, max_batch: int) -> None:
+    def __init__(self, publisher: Publisher, max_batch: int,
+                 on_published: Callable[[list[str]], None] | None = None) -> None:
         self.publisher = publisher
         self.max_batch = max_batch
+        self.on_published = on_published
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -108,15 +112,26 @@ class PublishPump:
         # but the waiting requests are still answered.
         reason = "the publisher thread failed"
         try:
-            self.publisher.publish_jobs([job for request in pending for job in request.jobs],
-                                        max_batch=self.max_batch)
+            jobs = [job for request in pending for job in request.jobs]
+            self.publisher.publish_jobs(jobs, max_batch=self.max_batch)
             published = True
+            if self.on_published is not None:
+                self._confirm([job.id for job in jobs])
         except PUBLISH_ERRORS as exc:
             log.warning("publishing %d job message(s) failed: %s", sum(len(r.jobs) for r in pending), exc)
             reason = str(exc)
         finally:
             for request in pending:
                 request.loop.call_soon_threadsafe(_settle, request.future, None if published else reason)
+
+
+    def _confirm(self, job_ids: list[str]) -> None:
+        assert self.on_published is not None
+        try:
+            self.on_published(job_ids)
+        except PUBLISH_ERRORS as exc:
+            # Published all the same: the sweeper finds the entries and sends a harmless duplicate.
+            log.warning("%d job(s) published but their outbox entries not removed: %s", len(job_ids), exc)
 
 
 def _settle(future: asyncio.Future[None], error: str | None) -> None:

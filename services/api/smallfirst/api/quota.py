@@ -39,6 +39,8 @@ class Reservation:
     granted: int
     limit: int | None
     retry_after_s: int
+    # The counter the jobs were taken from (None: no limit), so that a refund goes back to it.
+    counter_key: str | None = None
 
     def error(self) -> ApiError:
         return quota_error(self.limit or 0, self.retry_after_s)
@@ -67,7 +69,12 @@ class QuotaLimiter:
             return Reservation(granted=jobs, limit=limit, retry_after_s=0)
         now = time.time()
         minute = int(now // WINDOW_S)
-        granted, _ = await self._reserve(keys=[k.quota_key(tenant.id, minute)],
-                                         args=[limit, jobs, 1 if partial else 0, _COUNTER_TTL_S])
+        counter_key = k.quota_key(tenant.id, minute)
+        granted, _ = await self._reserve(keys=[counter_key], args=[limit, jobs, 1 if partial else 0, _COUNTER_TTL_S])
         retry_after_s = max(1, math.ceil((minute + 1) * WINDOW_S - now))
-        return Reservation(granted=int(granted), limit=limit, retry_after_s=retry_after_s)
+        return Reservation(granted=int(granted), limit=limit, retry_after_s=retry_after_s, counter_key=counter_key)
+
+    async def refund(self, reservation: Reservation, jobs: int) -> None:
+        """Give back `jobs` of a reservation that were not stored after all (a refused callback URL)."""
+        if reservation.counter_key is not None and jobs > 0:
+            await self.redis.decrby(reservation.counter_key, jobs)

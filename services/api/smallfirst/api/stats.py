@@ -3,7 +3,8 @@
 The store increments `stats_key(tenant, task)` when a job is created (`jobs_submitted`,
 `routed:<tier>`) and once when it ends (`jobs_ended`, `status:*`, `served:*`, `escalated`,
 `escalation_reason:*`, `cost_usd[:tier]`, tokens, `estimated_frontier_cost_usd`, `savings_usd`,
-`error:*`); see `store._stats_fields`. This module only reads and shapes them.
+`error:*`), and for batched frontier attempts `attempts_batched`, `cost_usd:batch`,
+`batch_savings_usd`; see `store._stats_fields`. This module only reads and shapes them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def task_stats(task: str, fields: Mapping[str, float]) -> TaskStats:
         output_tokens=int(_num(fields, "output_tokens")),
         estimated_frontier_cost_usd=round(_num(fields, "estimated_frontier_cost_usd"), 8),
         savings_usd=round(_num(fields, "savings_usd"), 8),
+        feedback=int(_num(fields, "feedback")),
+        shadow_samples=int(_num(fields, "shadow_samples")),
+        shadow_agreement=(round(_num(fields, "shadow_agree") / _num(fields, "shadow_samples"), 6)
+                          if _num(fields, "shadow_samples") else None),
+        shadow_agreement_by_label={
+            label: round(_num(fields, f"shadow_label_agree:{label}") / count, 6)
+            for label, count in _prefixed(fields, "shadow_label_samples:").items() if count},
+        shadow_cost_usd=round(_num(fields, "shadow_cost_usd"), 8),
+        feedback_errors=_prefixed(fields, "feedback_errors:"),
+        attempts_batched=int(_num(fields, "attempts_batched")),
+        batch_cost_usd=round(_num(fields, "cost_usd:batch"), 8),
+        batch_savings_usd=round(_num(fields, "batch_savings_usd"), 8),
     )
 
 

@@ -118,9 +118,15 @@ def command(workdir: Path, catalog_path: Path | None, demo: bool, exit_after_dem
             run_demo(stack, tenant["api_key"])
         if not exit_after_demo:
             click.echo("\nthe stack is running; Ctrl-C stops it")
-            while all(c.alive() for c in stack.components.values()):
+            # A worker pool that dies (it exits non-zero when its consumer cannot recover) is started
+            # again; any other component ending stops the stack with its log.
+            while True:
+                for name in stack.supervise_once():
+                    click.secho(f"{name} exited; restarted it (restart {stack[name].restarts})", fg="yellow")
+                dead = [c for c in stack.components.values() if not c.supervised and not c.alive()]
+                if dead:
+                    break
                 time.sleep(1)
-            dead = [c for c in stack.components.values() if not c.alive()]
             raise click.ClickException(f"{dead[0].name} stopped:\n{dead[0].tail()}")
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "dev": "smallfirst.cli.dev:command",
     "submit": "smallfirst.cli.client:submit",
     "get": "smallfirst.cli.client:get",
+    "dead-letters": "smallfirst.cli.deadletters:command",
     "tenant": "smallfirst.cli.tenants:command",
     "api": "smallfirst.api.cli:command",
     "worker": "smallfirst.cli.worker:command",
@@ -23,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "inference": "smallfirst.inference.cli:command",
     "make-tiny-model": "smallfirst.inference.cli:make_tiny_model",
     "frontier-sim": "smallfirst.frontier_sim.cli:command",
+    "model": "smallfirst.cli.learning:model_command",
+    "examples": "smallfirst.cli.learning:examples_command",
 }
 
 

@@ -6,26 +6,32 @@ Celery workers, uvicorn, the frontier simulator) that can be stopped, killed and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import redis
 
 from smallfirst.common import constants as k
+from smallfirst.common.errors import SmallfirstError
+
+log = logging.getLogger(__name__)
 
 EMBED_MODEL_NAME = "all-minilm-l6-v2"
 GENERATOR_MODEL_NAME = "tiny-generator"
 
 
-class StackError(RuntimeError):
+class StackError(SmallfirstError, RuntimeError):
     """A component of the stack did not start; the message carries the end of its log."""
 
 
@@ -57,8 +63,14 @@ class Component:
     ready_timeout_s: float = 60.0
     cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # Restarted by the stack's supervisor when it dies (see Stack.supervise_once); `wanted` is False
+    # once it was stopped on purpose, so a stop is never undone. A kill is a crash: it stays wanted.
+    supervised: bool = False
+    wanted: bool = False
+    restarts: int = 0
 
     def start(self, wait: bool = True) -> Component:
+        self.wanted = True
         with self.log_path.open("ab") as log:
             # A new session, so that signals reach the whole process group (Celery's pool children,
             # vLLM's engine core and workers).
@@ -102,6 +114,7 @@ class Component:
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout_s`; the exit code (None if never started)."""
+        self.wanted = False
         if self.proc is None:
             return None
         if self.alive():
@@ -124,6 +137,103 @@ class Component:
         return f"--- {self.log_path} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
 
 
+# ---- Redis ---------------------------------------------------------------------------------------
+# The one helper that starts a local redis-server: the stack, the tests and the benchmarks use it.
+# AOF on and no eviction, the settings the job store relies on: a job record must survive a restart
+# and never be evicted to make room. `appendfsync` decides what a crash may lose: `everysec` (the
+# default) up to about a second of writes, `always` nothing acknowledged, at an fsync per write.
+@dataclass(frozen=True)
+class RedisTls:
+    """Serve TLS on the server's port (plain TCP off), with these PEM files."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+@dataclass
+class RedisServer:
+    workdir: Path
+    log_dir: Path | None = None
+    port: int = field(default_factory=free_port)
+    appendfsync: str = "everysec"
+    password: str | None = None
+    tls: RedisTls | None = None
+    ready_timeout_s: float = 20.0
+    binary: str | None = None
+    component: Component | None = None
+    # Redis's maxmemory (None: unlimited); with noeviction a write past it fails.
+    maxmemory_bytes: int | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            # The CA in the URL: every client (redis-py, Celery's broker) verifies the server with it.
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca_file}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        binary = self.binary or shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server is not installed")
+        argv = [binary, "--bind", "127.0.0.1", "--dir", str(self.workdir), "--appendonly", "yes",
+                "--appendfsync", self.appendfsync, "--save", "", "--maxmemory-policy", "noeviction",
+                "--daemonize", "no"]
+        if self.tls:
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert_file),
+                     "--tls-key-file", str(self.tls.key_file), "--tls-ca-cert-file", str(self.tls.ca_file),
+                     "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        if self.maxmemory_bytes is not None:
+            argv += ["--maxmemory", str(self.maxmemory_bytes)]
+        return argv
+
+    def client(self, socket_timeout_s: float = 0.5) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=socket_timeout_s)
+
+    def pings(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_dir = self.log_dir or self.workdir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.component = Component(f"redis-{self.port}", self.argv(), {}, log_dir / f"redis-{self.port}.log",
+                                   self.pings, self.ready_timeout_s)
+        self.component.start()
+        return self
+
+    def alive(self) -> bool:
+        return self.component is not None and self.component.alive()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; what the AOF had not written is lost."""
+        if self.component is not None:
+            self.component.kill()
+
+    def stop(self) -> None:
+        if self.component is not None:
+            self.component.stop()
+
+    def restart(self) -> None:
+        """Start again on the same port and data folder (the AOF brings the data back)."""
+        if self.alive():
+            self.stop()
+        time.sleep(0.1)
+        self.start()
+
+    def flush(self) -> None:
+        self.client().flushall()
+
+
+
 @dataclass
 class StackConfig:
     workdir: Path
@@ -133,6 +243,7 @@ class StackConfig:
     frontier_sim_args: list[str] = field(default_factory=list)
     small_concurrency: int = 32
     frontier_concurrency: int = 16
+    webhook_concurrency: int = 8
     extra_env: dict[str, str] = field(default_factory=dict)
     # Inference servers already running (kind "embed"/"generate" -> port): used instead of starting them.
     inference_ports: dict[str, int] = field(default_factory=dict)
@@ -152,6 +263,10 @@ class Stack:
         self.ports: dict[str, int] = dict(config.inference_ports)
         self.frontier_base_url: str | None = None
         self.frontier_is_simulated = config.anthropic_api_key is None
+        self.redis: RedisServer | None = None  # None: Redis is the one config.redis_url names
+        self._supervise_lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+        self._supervisor_stop = threading.Event()
 
     # ---- environment shared by every smallfirst process --------------------------------------
     def env(self) -> dict[str, str]:
@@ -186,26 +301,38 @@ class Stack:
     def start_redis(self) -> None:
         if self.config.redis_url:
             return
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if shutil.which("redis-server") is None:
             raise StackError("redis-server is not installed and REDIS_URL is not set")
-        port = free_port()
-        self.ports["redis"] = port
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-        data = self.workdir / "redis"
-        data.mkdir(parents=True, exist_ok=True)
-        url = self.redis_url
+        server = RedisServer(self.workdir / "redis", log_dir=self.logs)
+        server.start()
+        assert server.component is not None
+        self.redis = server
+        self.ports["redis"] = server.port
+        self.redis_url = server.url
+        self.components["redis"] = server.component
 
-        def pings() -> bool:
+    # ---- faults (tests and bench/chaos.py) -------------------------------------------------------
+    def restart_redis(self, *, graceful: bool, down_s: float = 1.0) -> None:
+        """Stop the stack's redis-server, by SHUTDOWN (it writes its AOF and leaves) or by SIGKILL
+        (a crash: the AOF holds what it had written), and start it again on the same port and data
+        after `down_s`."""
+        if self.redis is None or self.redis.component is None:
+            raise StackError("the stack does not run its own redis-server")
+        if graceful:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.client(socket_timeout_s=5).shutdown()
+            assert self.redis.component.proc is not None
             try:
-                return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
-            except redis.RedisError:
-                return False
-
-        # AOF on and no eviction: the settings the job store relies on (README, "Redis").
-        self._add(Component("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                                      "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--save", ""],
-                            {}, self.logs / "redis.log", pings, 20)).start()
+                self.redis.component.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+            self.redis.component.wanted = False
+        else:
+            self.redis.kill()
+        time.sleep(down_s)
+        self.redis.start()
+        assert self.redis.component is not None
+        self.components["redis"] = self.redis.component
 
     def start_inference(self, kind: str, model_path: Path) -> Component:
         port = self.ports.setdefault(kind, free_port())
@@ -218,6 +345,8 @@ class Stack:
             "SMALLFIRST_INFERENCE_HOST": "127.0.0.1",
             "SMALLFIRST_INFERENCE_PORT": str(port),
             "SMALLFIRST_INFERENCE_METRICS_PORT": "0",
+            # A development stack: reflection on, for grpcurl (off by default elsewhere).
+            "SMALLFIRST_INFERENCE_REFLECTION": "true",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
         component = Component(f"inference-{kind}", _smallfirst_argv("inference"), {**self.env(), **env},
@@ -233,15 +362,19 @@ class Stack:
                                                               str(port), *self.config.frontier_sim_args),
                             self.env(), self.logs / "frontier-sim.log", lambda: port_open(port), 60)).start()
 
-    def start_worker(self, pool: str, name: str | None = None) -> Component:
+    def start_worker(self, pool: str, name: str | None = None, env: dict[str, str] | None = None,
+                     wait: bool = True) -> Component:
+        """Start a worker pool's process; `env` adds settings of its own (e.g. a fault to inject)."""
         name = name or f"worker-{pool}"
-        concurrency = self.config.small_concurrency if pool == k.POOL_SMALL else self.config.frontier_concurrency
+        concurrency = {k.POOL_SMALL: self.config.small_concurrency, k.POOL_WEBHOOKS: self.config.webhook_concurrency
+                       }.get(pool, self.config.frontier_concurrency)
         heartbeat = self.workdir / "heartbeats" / f"smallfirst-worker-{pool}.heartbeat"
         heartbeat.unlink(missing_ok=True)
         component = Component(name, _smallfirst_argv("worker", "--pool", pool, "--concurrency", str(concurrency),
                                                      "--hostname", f"{name}@%h"),
-                              self.env(), self.logs / f"{name}.log", heartbeat.exists, 90)
-        return self._add(component).start()
+                              {**self.env(), **(env or {})}, self.logs / f"{name}.log", heartbeat.exists, 90,
+                              supervised=True)
+        return self._add(component).start(wait=wait)
 
     def start_api(self) -> Component:
         port = self.ports.setdefault("api", free_port())
@@ -265,21 +398,51 @@ class Stack:
             engine.wait_ready()
         self.start_worker(k.POOL_SMALL)
         self.start_worker(k.POOL_FRONTIER)
+        self.start_worker(k.POOL_WEBHOOKS)
+
+    # ---- supervision -----------------------------------------------------------------------------
+    def supervise_once(self) -> list[str]:
+        """Start again every supervised component (the worker pools) that died without being stopped
+        on purpose: a worker exits non-zero when its consumer cannot recover (worker_app), and must
+        come back. Returns the names restarted."""
+        restarted = []
+        with self._supervise_lock:
+            for name, component in list(self.components.items()):
+                if not component.supervised or not component.wanted or component.proc is None or component.alive():
+                    continue
+                log.warning("%s exited with code %s; restarting it", name, component.proc.returncode)
+                with component.log_path.open("ab") as out:
+                    out.write(f"\n--- supervisor: exited with code {component.proc.returncode}; restarting ---\n"
+                              .encode())
+                component.restarts += 1
+                component.start(wait=False)
+                restarted.append(name)
+        return restarted
+
+    def start_supervisor(self, interval_s: float = 1.0) -> None:
+        """`supervise_once` every `interval_s` on a background thread, until `stop_all`."""
+        if self._supervisor is not None:
+            return
+        self._supervisor_stop.clear()
+
+        def run() -> None:
+            while not self._supervisor_stop.wait(interval_s):
+                self.supervise_once()
+
+        self._supervisor = threading.Thread(target=run, name="stack-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop_supervisor(self) -> None:
+        self._supervisor_stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+            self._supervisor = None
 
     def stop_all(self) -> None:
+        self.stop_supervisor()
         # Workers first (they drain), then what they depend on, Redis last.
         order = [n for n in self.components if n.startswith("worker")] + [
             n for n in self.components if not n.startswith("worker") and n != "redis"] + ["redis"]
         for name in order:
             if name in self.components:
                 self.components[name].stop()
-
-
-@contextlib.contextmanager
-def running_stack(config: StackConfig, embed_model: Path, generator_model: Path) -> Iterator[Stack]:
-    stack = Stack(config)
-    try:
-        stack.start_all(embed_model, generator_model)
-        yield stack
-    finally:
-        stack.stop_all()

@@ -1,4 +1,4 @@
-"""`smallfirst worker --pool small|frontier` and the liveness probe `smallfirst worker-probe`."""
+"""`smallfirst worker --pool small|frontier|webhooks` and the liveness probe `smallfirst worker-probe`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import click
 from smallfirst.common import constants as k
 from smallfirst.common.runtime import heartbeat_age_s
 
+POOLS = [k.POOL_SMALL, k.POOL_FRONTIER, k.POOL_WEBHOOKS]
+
 
 @click.command()
-@click.option("--pool", type=click.Choice([k.POOL_SMALL, k.POOL_FRONTIER]), required=True,
-              help="Which worker pool: small (self-hosted models) or frontier (escalations, frontier jobs, webhooks).")
+@click.option("--pool", type=click.Choice(POOLS), required=True,
+              help="Which worker pool: small (self-hosted models), frontier (escalations and frontier jobs) "
+                   "or webhooks (callback deliveries).")
 @click.option("--concurrency", type=int, default=None, help="Jobs in flight per process (threads).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", default=None, help="Celery node name (default: POOL@host).")
@@ -25,6 +28,13 @@ def command(pool: str, concurrency: int | None, loglevel: str, hostname: str | N
         small_settings = SmallWorkerSettings()
         app = make_small(small_settings)
         threads = concurrency or small_settings.concurrency
+    elif pool == k.POOL_WEBHOOKS:
+        from smallfirst.common.delivery import WebhookWorkerSettings
+        from smallfirst.common.delivery import make_worker_app as make_webhooks
+
+        webhook_settings = WebhookWorkerSettings()
+        app = make_webhooks(webhook_settings)
+        threads = concurrency or webhook_settings.concurrency
     else:
         from smallfirst.frontier_worker.settings import FrontierWorkerSettings
         from smallfirst.frontier_worker.worker import make_worker_app as make_frontier
@@ -43,7 +53,7 @@ def command(pool: str, concurrency: int | None, loglevel: str, hostname: str | N
 
 
 @click.command()
-@click.option("--pool", type=click.Choice([k.POOL_SMALL, k.POOL_FRONTIER]), required=True)
+@click.option("--pool", type=click.Choice(POOLS), required=True)
 @click.option("--max-age-s", type=float, default=120.0, show_default=True)
 def probe(pool: str, max_age_s: float) -> None:
     """Exit 0 when the pool's worker on this host beat recently (Kubernetes liveness probe)."""

@@ -14,10 +14,11 @@ import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from smallfirst.common.jobs import Tier
+from smallfirst.common.errors import ConfigurationError
+from smallfirst.common.jobs import FrontierMode, Tier
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigurationError, ValueError):
     """The catalog could not be loaded; the message names the file, the task and the field."""
 
 
@@ -98,10 +99,20 @@ ValidatorSpec = Annotated[
 
 
 # ---- Routing and model bindings ----------------------------------------------------------------
+class SmallUnavailablePolicy(StrEnum):
+    """What a job does while the small tier's inference service is down."""
+
+    ESCALATE = "escalate"  # hand it to the frontier at once: fast, but the frontier bills it
+    WAIT = "wait"  # retry with a backoff until the job's deadline, then escalate (or fail, local-only)
+
+
 class RoutingPolicy(_Strict):
     default_tier: Tier = Tier.SMALL
     # Sensitive tasks never leave the self-hosted tier.
     local_only: bool = False
+    small_unavailable: SmallUnavailablePolicy = SmallUnavailablePolicy.ESCALATE
+    # How frontier attempts are sent unless the tenant or the job says otherwise.
+    frontier_mode: FrontierMode = FrontierMode.REALTIME
 
 
 class SmallBinding(_Strict):
@@ -113,6 +124,33 @@ class SmallBinding(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     # The small model's context in tokens; longer inputs are routed to the frontier tier.
     max_context_tokens: int = Field(default=512, gt=0)
+
+
+class LearningPolicy(_Strict):
+    """How a classify task learns from the frontier's answers (see smallfirst.common.examples and the
+    small worker's trainer). Off unless `enabled`; a job or a tenant may still opt out."""
+
+    enabled: bool = False
+    # The accuracy the answers the small tier keeps must reach, judged by a lower confidence bound
+    # (Clopper-Pearson) on held-out predictions; None: the trained head gates at `default_threshold`.
+    target_accuracy: float | None = Field(default=None, gt=0.5, lt=1.0)
+    # The one-sided confidence of that lower bound.
+    confidence_level: float = Field(default=0.9, ge=0.5, lt=1.0)
+    # The gate of a trained head without a target accuracy.
+    default_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Share of kept small-tier answers also answered by the frontier in the background (shadow check).
+    shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The label meaning "none of these": the frontier may answer it and the head learns it.
+    out_of_scope_label: str | None = None
+    # Examples kept per label (oldest dropped first) and for how long.
+    max_examples_per_label: int = Field(default=500, gt=0, le=100_000)
+    retention_days: float = Field(default=90.0, gt=0)
+    # Whether inputs of local-only jobs (reaching the memory by feedback only) may be kept as examples.
+    keep_local_only: bool = False
+    # A new head is trained once this many examples arrived since the last training.
+    retrain_every: int = Field(default=100, gt=0)
+    # The fewest learned (non-seed) examples before a trained head may replace the seed scorer.
+    min_examples: int = Field(default=50, ge=0)
 
 
 class StructuredOutputMode(StrEnum):
@@ -143,6 +181,7 @@ class Task(_Strict):
     prompt: PromptTemplates = PromptTemplates()
     validators: tuple[ValidatorSpec, ...] = ()
     routing: RoutingPolicy = RoutingPolicy()
+    learning: LearningPolicy = LearningPolicy()
     small: SmallBinding
     frontier: FrontierBinding
 
@@ -170,6 +209,11 @@ class Task(_Strict):
                 jsonschema.Draft202012Validator.check_schema(self.output_schema)
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"'schema' is not a valid JSON schema: {exc.message}") from exc
+        if self.learning.enabled and self.kind is not TaskKind.CLASSIFY:
+            raise ValueError("learning: only classify tasks learn online (others keep their examples for export)")
+        oos = self.learning.out_of_scope_label
+        if oos is not None and oos not in {label.name for label in self.labels}:
+            raise ValueError(f"learning.out_of_scope_label {oos!r} must be one of the task's labels")
         for spec in self.validators:
             if isinstance(spec, JsonSchemaValidator) and spec.json_schema is None and self.output_schema is None:
                 raise ValueError("a json_schema validator needs a schema of its own or the task's")
@@ -178,6 +222,11 @@ class Task(_Strict):
         for template in (self.prompt.system, self.prompt.user):
             _check_template(template, set(self.input_fields) | {"small_answer", "labels"})
         return self
+
+    @property
+    def learns(self) -> bool:
+        """Whether frontier answers of this task become training examples of its head."""
+        return self.kind is TaskKind.CLASSIFY and self.learning.enabled
 
     @property
     def label_names(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ POOL_FRONTIER: Final = "frontier"
 POOL_WEBHOOKS: Final = "webhooks"
 POOL_QUEUES: Final[dict[str, tuple[str, ...]]] = {
     POOL_SMALL: (QUEUE_SMALL,),
-    POOL_FRONTIER: (QUEUE_ESCALATION, QUEUE_FRONTIER, QUEUE_WEBHOOKS),
+    POOL_FRONTIER: (QUEUE_ESCALATION, QUEUE_FRONTIER),
     POOL_WEBHOOKS: (QUEUE_WEBHOOKS,),
 }
 
@@ -36,6 +36,8 @@ PRIORITY_SEP: Final = "\x06\x16"
 PRIORITY_HIGH: Final = 0
 PRIORITY_NORMAL: Final = 3
 PRIORITY_LOW: Final = 6
+# Shadow samples wait behind every job: they never delay a result.
+PRIORITY_SHADOW: Final = 9
 PRIORITY_BY_NAME: Final[dict[str, int]] = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
 # Escalations go ahead of the frontier queue's own normal work: the caller already waited once.
 PRIORITY_ESCALATION_BOOST: Final = 3
@@ -54,6 +56,8 @@ KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
 TASK_RUN_SMALL: Final = "smallfirst.run_small"
 TASK_RUN_FRONTIER: Final = "smallfirst.run_frontier"
 TASK_DELIVER_WEBHOOK: Final = "smallfirst.deliver_webhook"
+# A shadow sample: the frontier also answers a job the small tier kept (frontier pool, low priority).
+TASK_RUN_SHADOW: Final = "smallfirst.run_shadow"
 
 # ---- Redis keys -------------------------------------------------------------------------------
 KEY_PREFIX: Final = "sf:"
@@ -68,6 +72,16 @@ def tenant_jobs_key(tenant_id: str) -> str:
     return f"{KEY_PREFIX}tenant:{tenant_id}:jobs"
 
 
+# A tenant's job index keeps entries this long past the retention period (a job lives at most its
+# deadline, a day by default, before its last write), then they are trimmed on the next submission.
+TENANT_JOBS_INDEX_SLACK_S: Final = 2 * 24 * 3600
+
+
+def tenant_jobs_trim_score(now: float, retention_s: int) -> int:
+    """Index entries scored below this (creation in ms) name jobs whose record has expired."""
+    return int((now - retention_s - TENANT_JOBS_INDEX_SLACK_S) * 1000)
+
+
 def job_events_channel(job_id: str) -> str:
     """Pub/sub channel on which a job's terminal transition is announced (long-poll wake-up)."""
     return f"{KEY_PREFIX}events:job:{job_id}"
@@ -78,6 +92,17 @@ JOB_EVENTS_PATTERN: Final = f"{KEY_PREFIX}events:job:*"
 # Jobs not yet ended, scored by the time by which they must have made progress; the sweeper
 # re-publishes those past due so that a message lost by the broker never loses a job.
 ACTIVE_JOBS_KEY: Final = f"{KEY_PREFIX}jobs:active"
+# New jobs whose first message may not be on its queue yet, scored by when they were stored. Written
+# in the same transaction as the job record, removed once the message is published; the sweeper
+# re-publishes entries older than a few seconds (a crash between the store and the publish). No TTL:
+# every entry is removed by the publisher or by the sweeper, never by time (an expiring entry would
+# be exactly the lost job this set exists to prevent).
+PUBLISH_OUTBOX_KEY: Final = f"{KEY_PREFIX}jobs:publish-outbox"
+# The run id of the Redis server the sweeper last saw: a different one means Redis restarted (from
+# its AOF), and every queued message may have been lost with the writes it had not persisted.
+# TTL: REDIS_RUN_ID_TTL_S, renewed by every sweep (a stale value only causes one extra full sweep).
+REDIS_RUN_ID_KEY: Final = f"{KEY_PREFIX}sweeper:redis-run-id"
+REDIS_RUN_ID_TTL_S: Final = 7 * 24 * 3600
 
 
 def idempotency_key(tenant_id: str, key: str) -> str:
@@ -105,6 +130,26 @@ def stats_index_key(tenant_id: str) -> str:
     return f"{KEY_PREFIX}stats:{tenant_id}:tasks"
 
 
+# Outcome counters bucketed by time (the dashboard's charts): the same fields as `stats_key`
+# minus the submission counters, one hash per tenant and bucket, fields "<task>/<field>".
+SERIES_MINUTE_S: Final = 60
+SERIES_HOUR_S: Final = 3600
+# Kept long enough for the dashboard's windows (1 h of minutes, 7 d of hours), then expired.
+SERIES_MINUTE_TTL_S: Final = 2 * 24 * 3600
+SERIES_HOUR_TTL_S: Final = 35 * 24 * 3600
+
+
+def stats_series_key(tenant_id: str, bucket_s: int, bucket_start: int) -> str:
+    """Hash of a tenant's outcome counters in the bucket of width `bucket_s` starting at `bucket_start` (Unix s)."""
+    return f"{KEY_PREFIX}series:{tenant_id}:{bucket_s}:{bucket_start}"
+
+
+# The dashboard's session-signing secret when the operator sets none: shared by every API process
+# through Redis so a session signed by one is honoured by all. No TTL: deleting it is the rotation
+# (every session ends).
+UI_SESSION_SECRET_KEY: Final = f"{KEY_PREFIX}ui:session-secret"
+
+
 def embedding_cache_key(model: str, text_sha256: str) -> str:
     return f"{KEY_PREFIX}emb:{model}:{text_sha256}"
 
@@ -125,6 +170,85 @@ def rate_limit_total_key(model: str, dimension: str) -> str:
 
 def webhook_delivery_key(job_id: str) -> str:
     return f"{KEY_PREFIX}webhook:{job_id}"
+
+
+# ---- Frontier batch mode (frontier_worker/batches.py says what each holds and for how long) ----
+# Sorted set: custom_id -> when it was buffered; hash: custom_id -> the request's JSON. No TTL:
+# accepted work waiting for the next batch; the submitter drains them.
+BATCH_BUFFER_KEY: Final = f"{KEY_PREFIX}batch:buffer"
+BATCH_BUFFER_REQUESTS_KEY: Final = f"{KEY_PREFIX}batch:buffer:requests"
+# Sorted set: intent id -> when it was recorded; intents not yet matched to a provider batch. No
+# TTL: each is resolved by the submitter or by reconcile, never by time.
+BATCH_INTENTS_KEY: Final = f"{KEY_PREFIX}batch:intents"
+# Sorted set: batch id -> when it was recorded; batches whose results are not all handled. No TTL,
+# for the same reason.
+BATCH_ACTIVE_KEY: Final = f"{KEY_PREFIX}batch:active"
+# Set: custom_ids of batched attempts whose jobs were cancelled (written by the API in the cancel's
+# transaction); the frontier pool's batch lane takes them out and withdraws each request. No TTL:
+# it is emptied by that code, and an entry left behind only costs a withdrawal that finds nothing.
+BATCH_CANCEL_REQUESTS_KEY: Final = f"{KEY_PREFIX}batch:cancel-requests"
+# Held (with a TTL) by the one process that takes requests from the buffer and creates a batch.
+BATCH_SUBMIT_LOCK_KEY: Final = f"{KEY_PREFIX}batch:submit:lock"
+
+
+def batch_custom_id(job_id: str, attempt: int) -> str:
+    """The Message Batches `custom_id` of one job attempt (the API allows letters, digits, `_`, `-`)."""
+    return f"{job_id}-{attempt}"
+
+
+def batch_intent_key(intent_id: str) -> str:
+    """Hash: the requests of a batch about to be created, and when; deleted once resolved."""
+    return f"{KEY_PREFIX}batch:intent:{intent_id}"
+
+
+def batch_record_key(batch_id: str) -> str:
+    """Hash: a created batch's custom_ids and state (TTL: the provider's results retention)."""
+    return f"{KEY_PREFIX}batch:record:{batch_id}"
+
+
+def batch_handled_key(batch_id: str) -> str:
+    """Set: the custom_ids of a batch whose results were handed to the caller (TTL as the record)."""
+    return f"{KEY_PREFIX}batch:handled:{batch_id}"
+
+
+def batch_cancelled_key(batch_id: str) -> str:
+    """Set: the custom_ids of a batch whose jobs asked to be cancelled (TTL as the record)."""
+    return f"{KEY_PREFIX}batch:cancelled:{batch_id}"
+
+
+def batch_poll_lock_key(batch_id: str) -> str:
+    """Held (with a TTL, renewed per result) by the one poller streaming a batch's results."""
+    return f"{KEY_PREFIX}batch:poll:lock:{batch_id}"
+
+
+def batch_location_key(custom_id: str) -> str:
+    """String: the batch id a custom_id was sent in (TTL as the record)."""
+    return f"{KEY_PREFIX}batch:where:{custom_id}"
+
+
+def webhook_host_slots_key(host: str) -> str:
+    """The deliveries to `host` in flight (a sorted set of slot tokens scored by expiry; its TTL is
+    renewed with each slot taken, so an idle host's key goes away)."""
+    return f"{KEY_PREFIX}webhook-host:{host}"
+
+
+# ---- Dead letters (jobs that failed for a reason a person can act on, and undecodable messages) --
+# Per tenant: a sorted set of job ids scored by when the job failed (ms; listing, time ranges,
+# cursors) and a hash of job id -> the entry's JSON. Both carry the job retention as their TTL,
+# renewed by each new entry: an entry never outlives the job it replays.
+
+
+def dead_letters_key(tenant_id: str) -> str:
+    return f"{KEY_PREFIX}deadletters:{tenant_id}"
+
+
+def dead_letter_entries_key(tenant_id: str) -> str:
+    return f"{KEY_PREFIX}deadletters:{tenant_id}:entries"
+
+
+# Queue messages no worker could decode belong to no known tenant: the same pair of keys under this
+# name (an id no tenant can have: tenant ids never start with an underscore), TTL as above.
+UNDECODABLE_MESSAGES_TENANT: Final = "_undecodable"
 
 
 # ---- HTTP headers -----------------------------------------------------------------------------
@@ -196,6 +320,7 @@ LOG_FIELD_JOB_ID: Final = "job_id"
 SERVICE_API: Final = "smallfirst-api"
 SERVICE_SMALL_WORKER: Final = "smallfirst-small-worker"
 SERVICE_FRONTIER_WORKER: Final = "smallfirst-frontier-worker"
+SERVICE_WEBHOOK_WORKER: Final = "smallfirst-webhooks-worker"
 SERVICE_INFERENCE: Final = "smallfirst-inference"
 SERVICE_FRONTIER_SIM: Final = "smallfirst-frontier-sim"
 
@@ -205,6 +330,7 @@ DEFAULT_FRONTIER_SIM_PORT: Final = 8090
 DEFAULT_METRICS_PORT_SMALL_WORKER: Final = 9101
 DEFAULT_METRICS_PORT_FRONTIER_WORKER: Final = 9102
 DEFAULT_METRICS_PORT_INFERENCE: Final = 9103
+DEFAULT_METRICS_PORT_WEBHOOK_WORKER: Final = 9104
 
 # Terminal jobs whose callback is still to be delivered, scored by when the next try is due.
 WEBHOOK_OUTBOX_KEY: Final = f"{KEY_PREFIX}webhooks:outbox"
@@ -219,3 +345,158 @@ INFERENCE_GRPC_SERVICE: Final = "smallfirst.inference.v1.InferenceService"
 GRPC_KEEPALIVE_TIME_MS: Final = 30_000
 GRPC_KEEPALIVE_TIMEOUT_MS: Final = 10_000
 GRPC_SERVER_MIN_PING_INTERVAL_MS: Final = 10_000
+
+# ---- Learning: example memory and trained heads (smallfirst.common.examples) -------------------
+# Keys are per task and per embedding model: a vector means nothing under another model.
+# The example memory's keys expire after the task's retention (renewed by every write), so the
+# memory of a task nobody uses any more goes away by itself.
+
+
+def examples_key(task: str, model: str) -> str:
+    """Hash: example id (the job id) -> the example's JSON (text, label, source, tenant, ...)."""
+    return f"{KEY_PREFIX}examples:{task}:{model}"
+
+
+def examples_vectors_key(task: str, model: str) -> str:
+    """Hash: example id -> its input's embedding (float32 bytes), filled by the small tier."""
+    return f"{KEY_PREFIX}examples:{task}:{model}:vectors"
+
+
+def examples_by_time_key(task: str, model: str) -> str:
+    """Sorted set: example id -> when it was recorded (retention is enforced from its low end)."""
+    return f"{KEY_PREFIX}examples:{task}:{model}:time"
+
+
+def examples_by_label_key(task: str, model: str, label: str) -> str:
+    """Sorted set: the ids of one label's examples by time (the cap per label drops its oldest)."""
+    return f"{KEY_PREFIX}examples:{task}:{model}:label:{label}"
+
+
+def examples_added_key(task: str, model: str) -> str:
+    """Counter of examples recorded (the trainer retrains every `retrain_every` of them)."""
+    return f"{KEY_PREFIX}examples:{task}:{model}:added"
+
+
+def tenant_examples_key(tenant_id: str) -> str:
+    """Set of "task|model|id" of a tenant's examples, so deleting a tenant's data finds them."""
+    return f"{KEY_PREFIX}tenant:{tenant_id}:examples"
+
+
+def head_key(task: str, model: str) -> str:
+    """Hash: the live trained head of a task (`meta` JSON, `weights` npz bytes). No TTL: it is the
+    task's current model, replaced by the next training that beats it, never by time."""
+    return f"{KEY_PREFIX}head:{task}:{model}"
+
+
+def head_version_key(task: str, model: str) -> str:
+    """The live head's version number; small workers poll it (one GET) to pick up a new head. No TTL,
+    as the head it names."""
+    return f"{KEY_PREFIX}head:{task}:{model}:version"
+
+
+def head_trained_key(task: str, model: str) -> str:
+    """The value of examples_added_key at the last training, tried or published (no TTL: as the head)."""
+    return f"{KEY_PREFIX}head:{task}:{model}:trained-at-count"
+
+
+def train_lock_key(task: str, model: str) -> str:
+    """Held (with a TTL) by the one trainer training a task's head."""
+    return f"{KEY_PREFIX}head:{task}:{model}:lock"
+
+
+def input_vector_key(model: str, text_sha256: str) -> str:
+    """The embedding the small tier computed for a job's input, kept briefly (INPUT_VECTOR_TTL_S) so
+    that the trainer need not embed an escalated job's input again."""
+    return f"{KEY_PREFIX}invec:{model}:{text_sha256}"
+
+
+INPUT_VECTOR_TTL_S: Final = 6 * 3600
+
+
+def recent_inputs_key(task: str, model: str) -> str:
+    """List: the vectors of the task's latest inputs (capped at RECENT_INPUTS_KEPT, TTL as the input
+    vectors), on which the trainer estimates a new head's frontier share."""
+    return f"{KEY_PREFIX}head:{task}:{model}:recent-inputs"
+
+
+RECENT_INPUTS_KEPT: Final = 2000
+
+
+def head_next_version_key(task: str, model: str) -> str:
+    """Counter handing out head version numbers, tried or published (no TTL: versions never repeat)."""
+    return f"{KEY_PREFIX}head:{task}:{model}:next-version"
+
+
+def shadow_done_key(job_id: str) -> str:
+    """Set once a job's shadow sample ran (TTL SHADOW_DONE_TTL_S), so a redelivery bills it once."""
+    return f"{KEY_PREFIX}shadow:{job_id}"
+
+
+SHADOW_DONE_TTL_S: Final = 24 * 3600
+
+
+def head_published_key(task: str, model: str) -> str:
+    """Counter of heads that went live (no TTL: as the head)."""
+    return f"{KEY_PREFIX}head:{task}:{model}:published"
+
+# ---- Tenancy: spend budgets, quotas (budgets.py and quotas.py say what each holds) -------------
+def spend_key(tenant_id: str, period: str, period_id: str) -> str:
+    """Float: a tenant's frontier spend in USD in one UTC day or month (TTL: the period plus slack)."""
+    return f"{KEY_PREFIX}spend:{tenant_id}:{period}:{period_id}"
+
+
+def budget_warned_key(tenant_id: str, period: str, period_id: str) -> str:
+    """Set once when a tenant passes 80 % of a budget in a period (TTL as the spend counter)."""
+    return f"{KEY_PREFIX}spend:{tenant_id}:{period}:{period_id}:warned"
+
+
+def usage_key(tenant_id: str) -> str:
+    """Hash: a tenant's jobs_in_flight and bytes_stored. No TTL: it counts what the tenant holds now
+    (moved with every write it counts, released as records expire, see quotas.py); it is as
+    long-lived as the tenant."""
+    return f"{KEY_PREFIX}usage:{tenant_id}"
+
+
+def usage_bytes_key(tenant_id: str) -> str:
+    """Hash: record (job id or idem:<key>) -> bytes counted for it. No TTL: each field is removed
+    when its record's expiry passes (quotas.py); the hash lives as long as the tenant has records."""
+    return f"{KEY_PREFIX}usage:{tenant_id}:bytes"
+
+
+def usage_expiry_key(tenant_id: str) -> str:
+    """Sorted set: counted record -> when its TTL ends. No TTL, for the reason of usage_bytes_key."""
+    return f"{KEY_PREFIX}usage:{tenant_id}:expiry"
+
+
+def submission_bucket_key(tenant_id: str) -> str:
+    """Hash: a tenant's submission token bucket (tokens, ts); TTL: the time to refill it."""
+    return f"{KEY_PREFIX}bucket:{tenant_id}"
+
+
+# ---- Keys without a TTL -----------------------------------------------------------------------
+# Every other key the project (or Celery/kombu on its behalf) writes expires. Glob patterns (as
+# Redis SCAN MATCH and fnmatch read them) -> why the key may live without one; a test scans Redis
+# after jobs ran through the API and the workers and fails on any other key without a TTL.
+KEYS_WITHOUT_TTL: Final[dict[str, str]] = {
+    TENANTS_KEY: "the tenants: each lives until an operator deletes it",
+    f"{KEY_PREFIX}apikey:*": "an API key's hash: valid until it is revoked (revoking deletes it)",
+    f"{KEY_PREFIX}stats:*": "a tenant's lifetime counters for /v1/stats, one hash per task (bounded by the catalog)",
+    ACTIVE_JOBS_KEY: "the jobs not yet ended: each member is removed when its job ends",
+    WEBHOOK_OUTBOX_KEY: "callbacks still to deliver: each member is removed when delivered or given up",
+    f"{KEY_PREFIX}usage:*": "a tenant's quota counters and the expiry index that releases them (quotas.py)",
+    BATCH_BUFFER_KEY: "accepted work waiting for the next provider batch",
+    BATCH_BUFFER_REQUESTS_KEY: "accepted work waiting for the next provider batch",
+    BATCH_INTENTS_KEY: "batch intents, each resolved by the submitter or by reconcile",
+    BATCH_ACTIVE_KEY: "provider batches whose results are not all handled",
+    f"{KEY_PREFIX}head:*:*:published": "a task's count of published heads: as long-lived as its head",
+    f"{KEY_PREFIX}head:*:*:next-version": "hands out head versions: versions never repeat",
+    f"{KEY_PREFIX}head:*:*:trained-at-count": "the example count at a task's last training: as its head",
+    f"{KEY_PREFIX}head:*:*:version": "the live head's version the small workers poll: as the head",
+    f"{KEY_PREFIX}head:*": "a task's live trained head: replaced by a better one, never by time",
+    **{queue: "a Celery queue: its messages are the work itself" for queue in ALL_QUEUES},
+    **{f"{queue}{PRIORITY_SEP}*": "a Celery queue's priority step: its messages are the work itself"
+       for queue in ALL_QUEUES},
+    KOMBU_UNACKED_KEY: "kombu's delivered-but-unacknowledged messages, restored or acked",
+    KOMBU_UNACKED_INDEX_KEY: "kombu's index of the unacknowledged messages",
+    "_kombu.binding*": "kombu's exchange-to-queue bindings (and their deadlines), as long as the queues",
+}

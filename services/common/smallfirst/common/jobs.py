@@ -43,6 +43,16 @@ class Priority(StrEnum):
     LOW = "low"
 
 
+class FrontierMode(StrEnum):
+    """How a job's frontier attempts are sent: one Messages call each (`realtime`), or in a Message
+    Batch at the batch price, answered within the provider's batch window (`batch`). `auto` sends
+    `low` priority and shadow work to batches and the rest in real time."""
+
+    BATCH = "batch"
+    REALTIME = "realtime"
+    AUTO = "auto"
+
+
 class RouteReason(StrEnum):
     """Why the routing policy picked a tier; stored on the job and counted in metrics."""
 
@@ -56,6 +66,10 @@ class RouteDecision(BaseModel):
     tier: Tier
     reason: RouteReason
     detail: str = ""
+    # How its frontier attempts go out (never `auto`: resolved at routing), and which level chose it
+    # ("job", "tenant", "task", each with ":auto:<why>" when that level said auto).
+    frontier_mode: FrontierMode = FrontierMode.REALTIME
+    frontier_mode_source: str = ""
 
 
 class Usage(BaseModel):
@@ -83,6 +97,7 @@ class AttemptOutcome(StrEnum):
     ACCEPTED = "accepted"  # answer passed validation and became the result
     REJECTED = "rejected"  # answer failed validation
     ERROR = "error"  # no answer (provider or inference error)
+    RETRIED = "retried"  # no answer because a dependency failed; the job waits for another attempt
     ABANDONED = "abandoned"  # the worker holding it disappeared; not billed
     CANCELLED = "cancelled"
 
@@ -96,6 +111,9 @@ class Attempt(BaseModel):
     # a redelivered message may take over an attempt only after its lease has expired.
     task_id: str = ""
     lease_expires_at: float = 0.0
+    # A frontier attempt sent in a Message Batch (billed at the batch price; its lease spans the
+    # batch window).
+    batched: bool = False
     outcome: AttemptOutcome = AttemptOutcome.RUNNING
     started_at: float
     ended_at: float | None = None
@@ -112,6 +130,22 @@ class Attempt(BaseModel):
     error: ErrorInfo | None = None
 
 
+# Error codes whose message and details come from infrastructure (a provider, the inference
+# service, Redis): the API shows the code with a fixed text instead.
+_INTERNAL_ERROR_PREFIXES = ("frontier_", "inference_", "small_tier_")
+_INTERNAL_ERROR_CODES = frozenset({"unavailable", "misconfigured", "internal_error", "store_conflict", "corrupt_job",
+                                   "task_not_in_catalog"})
+
+
+def public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    code = str(error.get("code", ""))
+    if code in _INTERNAL_ERROR_CODES or code.startswith(_INTERNAL_ERROR_PREFIXES):
+        return {"code": code, "message": f"the attempt failed: {code.replace('_', ' ')}", "details": {}}
+    return error
+
+
 def new_job_id() -> str:
     # Time-ordered prefix so ids sort roughly by creation; random suffix so they cannot be guessed.
     return f"job_{int(time.time() * 1000):013x}{secrets.token_hex(8)}"
@@ -122,6 +156,17 @@ def new_job_ids(count: int) -> list[str]:
     prefix = f"job_{int(time.time() * 1000):013x}"
     suffixes = secrets.token_hex(8 * count)
     return [prefix + suffixes[16 * i:16 * (i + 1)] for i in range(count)]
+
+
+class Feedback(BaseModel):
+    """A person's verdict on a job's result: the answer it should have had."""
+
+    answer: Any
+    comment: str = ""
+    created_at: float
+    # Whether it is the job's result; if not, the tier that served the result made an error.
+    agrees: bool
+    served_by: Tier | None = None
 
 
 class Job(BaseModel):
@@ -135,6 +180,11 @@ class Job(BaseModel):
     priority: Priority = Priority.NORMAL
     tier_hint: TierHint = TierHint.AUTO
     local_only: bool = False
+    # False: the job (or its tenant) opted out; its input and answer never become a training example.
+    learning: bool = True
+    # The frontier mode the submitter asked for (None: the tenant's, else the task's); the effective
+    # one is `route.frontier_mode`.
+    frontier_mode: FrontierMode | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     callback_url: str | None = None
     route: RouteDecision
@@ -142,14 +192,31 @@ class Job(BaseModel):
     result: Any = None
     error: ErrorInfo | None = None
     escalation_reasons: list[str] = Field(default_factory=list)
+    # Given once, by the job's tenant (POST /v1/jobs/{id}/feedback).
+    feedback: Feedback | None = None
     created_at: float
     updated_at: float
     queued_at: float
     ended_at: float | None = None
+    # The job fails with `deadline_exceeded` rather than retry an infrastructure failure past it.
+    # None: no deadline (records written before deadlines existed): such failures are final.
+    deadline_at: float | None = None
+    # A retried job waits until then before its next attempt (its message is published delayed).
+    retry_at: float | None = None
     trace_id: str | None = None
     # W3C traceparent of the span that submitted the job: whoever publishes its messages outside a
     # span (the API's publisher thread, the sweeper) continues the job's trace from it. Internal.
     traceparent: str | None = None
+    # How long the record (and its bytes against the tenant's quota) is kept after its last write:
+    # the tenant's retention, set at submission. None: the deployment's `job_retention_s`.
+    retention_s: int | None = None
+    # Set by a failure a person can act on (the outcome function decides): the reason code under
+    # which the job sits in its tenant's dead letters until it is replayed or expires.
+    dead_letter: str | None = None
+    # Replays of this job (`POST /v1/jobs/{id}/replay`) and when the last one began: the rules that
+    # count earlier attempts (re-asks, backoff) count only those since then; its history stays.
+    replays: int = 0
+    replayed_at: float | None = None
     # Incremented by every write; the store's compare-and-set checks it.
     version: int = 0
 
@@ -164,15 +231,25 @@ class Job(BaseModel):
             return self.attempts[-1]
         return None
 
+    def attempts_since_replay(self) -> list[Attempt]:
+        """The attempts of the current run: all of them, or those begun since the last replay."""
+        since = self.replayed_at
+        return list(self.attempts) if since is None else [a for a in self.attempts if a.started_at >= since]
+
     def total_cost_usd(self) -> float:
         return sum(a.cost_usd for a in self.attempts if a.billed)
 
     def public(self) -> dict[str, Any]:
-        """The job resource as the API returns it (internal lease fields left out)."""
+        """The job resource as the API returns it: internal lease fields and worker host names left
+        out, and the text of infrastructure errors (a provider's or a server's own words, which may
+        name hosts) replaced by a fixed one per code; the record keeps them, and the logs."""
         data = self.model_dump(mode="json", exclude={"version", "traceparent"})
         for attempt in data["attempts"]:
             attempt.pop("task_id", None)
             attempt.pop("lease_expires_at", None)
+            attempt.pop("worker", None)
+            attempt["error"] = public_error(attempt.get("error"))
+        data["error"] = public_error(data.get("error"))
         data["object"] = "job"
         data["cost_usd"] = round(self.total_cost_usd(), 8)
         return data

@@ -2,15 +2,16 @@
 deploy/METRICS.md; the dashboard and alert rules depend on them, so rename nothing without them).
 
 Metrics come in sets, each created on a registry: `JobMetrics` (API and worker pools),
-`FrontierMetrics` (frontier pool), `InferenceServerMetrics` (inference service, its own registry),
-and `QueueCollector`, which reads queue depths from Redis when scraped instead of counting them.
+`FrontierMetrics` (frontier pool), and `QueueCollector`, which reads queue depths from Redis when
+scraped instead of counting them. The inference service's own set is `smallfirst.inference.metrics`.
 The worker pools use `default_job_metrics()` / `default_frontier_metrics()` on the default
 registry and serve it with `start_metrics_server(port)`; the API serves its registry on its own
 `/metrics` route (`render_metrics`).
 
 Job counters move in `JobMetrics.record_job_transition`, called by whoever changed a job with the
-record before and after the change. The job store's compare-and-set lets each transition happen
-exactly once, so each job is counted once however often its messages are delivered.
+record before and after the change; it counts the events of `smallfirst.common.events`, the same
+stream the job store turns into the tenant's `/v1/stats`. The store's compare-and-set lets each
+transition happen exactly once, so each job is counted once however often its messages are delivered.
 """
 
 from __future__ import annotations
@@ -18,19 +19,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import redis
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from smallfirst.common import constants as k
-from smallfirst.common.jobs import Job, JobStatus, Tier, Usage
-from smallfirst.common.telemetry import reason_code
+from smallfirst.common.events import (
+    AttemptEnded,
+    AttemptStarted,
+    DeadLettered,
+    Ended,
+    Escalated,
+    JobEvent,
+    Replayed,
+    Submitted,
+    transition_events,
+)
+from smallfirst.common.jobs import Job, Usage
 
 log = logging.getLogger(__name__)
 
@@ -103,40 +114,65 @@ class JobMetrics:
             "smallfirst_savings_usd_total",
             "Estimated frontier cost avoided by jobs the small tier answered, in US dollars, by task.",
             ["task"], registry=reg)
+        self.dead_letters_added = Counter(
+            "smallfirst_dead_letters_added_total",
+            "Jobs put into their tenant's dead letters (a failure a person can act on), by task and reason; "
+            "undecodable queue messages count with task \"\" and reason undecodable_message.",
+            ["task", "reason"], registry=reg)
+        self.dead_letters_replayed = Counter(
+            "smallfirst_dead_letters_replayed_total", "Dead-lettered jobs replayed, by task and reason.",
+            ["task", "reason"], registry=reg)
+        self.batch_cost = Counter(
+            "smallfirst_batch_cost_usd_total",
+            "Billed cost of frontier attempts sent in Message Batches (at the batch price), in US dollars, by task.",
+            ["task"], registry=reg)
+        self.batch_savings = Counter(
+            "smallfirst_batch_savings_usd_total",
+            "What batched frontier attempts would have cost in real time less what they cost, in US dollars, by task.",
+            ["task"], registry=reg)
 
     def record_job_submitted(self, job: Job) -> None:
         """The API stored (and queued) a new job."""
-        self.jobs_submitted.labels(job.task, job.route.tier.value).inc()
+        self.record(job.task, transition_events(None, job))
 
     def record_job_transition(self, before: Job | None, after: Job) -> None:
-        """Count what one stored transition changed: attempts started (queue wait) and ended (run
-        time, billed cost), an escalation, and the job's end (status, submit-to-result, savings).
+        """Count one stored transition, from the same events the job store's stats are made of.
 
         Call it after every transition that the store accepted, with the record before and after;
         a pair in which nothing changed counts nothing, so a repeated call adds nothing.
         """
-        previous = {a.number: a for a in before.attempts} if before is not None else {}
-        for attempt in after.attempts:
-            old = previous.get(attempt.number)
-            if old is None and attempt.queue_wait_ms is not None:
-                self.job_duration.labels(attempt.tier.value, PHASE_QUEUE_WAIT).observe(attempt.queue_wait_ms / 1000)
-            if attempt.ended_at is not None and (old is None or old.ended_at is None):
-                if attempt.latency_ms is not None:
-                    self.job_duration.labels(attempt.tier.value, PHASE_RUN).observe(attempt.latency_ms / 1000)
-                if attempt.billed and attempt.cost_usd > 0:
-                    self.job_cost.labels(after.task, attempt.tier.value).inc(attempt.cost_usd)
-        if after.status is JobStatus.ESCALATED and (before is None or before.status is not JobStatus.ESCALATED):
-            for code in sorted({reason_code(r) for r in after.escalation_reasons} or {"unknown"}):
-                self.escalations.labels(after.task, code).inc()
-        if after.status.terminal and (before is None or not before.status.terminal):
-            tier = (before if before is not None else after).current_tier.value
-            self.jobs_ended.labels(after.task, tier, after.status.value).inc()
-            if after.ended_at is not None:
-                self.job_duration.labels(tier, PHASE_SUBMIT_TO_RESULT).observe(
-                    max(0.0, after.ended_at - after.created_at))
-            savings = job_savings_usd(after)
-            if savings > 0:
-                self.savings.labels(after.task).inc(savings)
+        self.record(after.task, transition_events(before, after))
+
+    def record(self, task: str, events: list[JobEvent]) -> None:
+        for event in events:
+            if isinstance(event, Submitted):
+                self.jobs_submitted.labels(task, event.tier.value).inc()
+            elif isinstance(event, AttemptStarted):
+                if event.queue_wait_s is not None:
+                    self.job_duration.labels(event.tier.value, PHASE_QUEUE_WAIT).observe(event.queue_wait_s)
+            elif isinstance(event, AttemptEnded):
+                if event.run_s is not None:
+                    self.job_duration.labels(event.tier.value, PHASE_RUN).observe(event.run_s)
+                if event.billed and event.cost_usd > 0:
+                    self.job_cost.labels(task, event.tier.value).inc(event.cost_usd)
+                    if event.batched:
+                        self.batch_cost.labels(task).inc(event.cost_usd)
+                if event.batch_savings_usd > 0:
+                    self.batch_savings.labels(task).inc(event.batch_savings_usd)
+            elif isinstance(event, Escalated):
+                for code in event.reason_codes:
+                    self.escalations.labels(task, code).inc()
+            elif isinstance(event, Ended):
+                self.jobs_ended.labels(task, event.tier.value, event.status.value).inc()
+                if event.submit_to_result_s is not None:
+                    self.job_duration.labels(event.tier.value, PHASE_SUBMIT_TO_RESULT).observe(
+                        event.submit_to_result_s)
+                if event.savings_usd > 0:
+                    self.savings.labels(task).inc(event.savings_usd)
+            elif isinstance(event, DeadLettered):
+                self.dead_letters_added.labels(task, event.reason).inc()
+            elif isinstance(event, Replayed):
+                self.dead_letters_replayed.labels(task, event.reason).inc()
 
 
 class FrontierMetrics:
@@ -177,55 +213,6 @@ class FrontierMetrics:
 
     def observe_ratelimit_wait(self, model: str, wait_s: float) -> None:
         self.ratelimit_wait.labels(model).observe(max(0.0, wait_s))
-
-
-class InferenceServerMetrics:
-    """The inference service's metrics. Its own registry by default, so that a test or a benchmark
-    can run several servers in one process; the service serves it next to vLLM's global one."""
-
-    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
-        reg = CollectorRegistry() if registry is None else registry
-        self.registry = reg
-        self.model = model
-        self.requests_in_flight = Gauge(
-            "smallfirst_inference_requests_in_flight", "Calls being served now, by method.",
-            ["model", "method"], registry=reg)
-        self.requests = Counter(
-            "smallfirst_inference_requests_total", "Calls served, by method and gRPC status code.",
-            ["model", "method", "code"], registry=reg)
-        self.prompt_tokens = Counter(
-            "smallfirst_inference_prompt_tokens_total",
-            "Prompt tokens (and embedded text tokens) of completed calls.", ["model"], registry=reg)
-        self.generated_tokens = Counter(
-            "smallfirst_inference_generated_tokens_total", "Tokens generated by completed calls.",
-            ["model"], registry=reg)
-        self.aborted_requests = Counter(
-            "smallfirst_inference_aborted_requests_total",
-            "Engine requests aborted because their call was cancelled or ran past its deadline.",
-            ["model"], registry=reg)
-        self.engine_unfinished_requests = Gauge(
-            "smallfirst_inference_engine_unfinished_requests", "Requests the engine holds (running or waiting).",
-            ["model"], registry=reg)
-        self.draining = Gauge(
-            "smallfirst_inference_draining", "1 while the server drains in-flight calls before it stops.",
-            ["model"], registry=reg)
-
-    def record_tokens(self, *, prompt_tokens: int, generated_tokens: int) -> None:
-        if prompt_tokens:
-            self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        if generated_tokens:
-            self.generated_tokens.labels(self.model).inc(generated_tokens)
-
-
-def job_savings_usd(job: Job) -> float:
-    """What a job answered by the small tier saved against the frontier estimate (0 otherwise);
-    the same rule as the tenant stats in the job store."""
-    if job.status is not JobStatus.SUCCEEDED:
-        return 0.0
-    accepted = [a for a in job.attempts if a.outcome.value == "accepted"]
-    if not accepted or accepted[-1].tier is not Tier.SMALL or accepted[-1].estimated_frontier_cost_usd is None:
-        return 0.0
-    return accepted[-1].estimated_frontier_cost_usd - job.total_cost_usd()
 
 
 # One set of each per process on the default registry, for the worker pools (whose single process
@@ -308,13 +295,6 @@ class QueueCollector(Collector):
         self.client.close()
 
 
-def register_queue_collector(redis_url: str, registry: CollectorRegistry | None = None,
-                             **options: Any) -> QueueCollector:
-    collector = QueueCollector(redis_url, **options)
-    (REGISTRY if registry is None else registry).register(collector)
-    return collector
-
-
 # ---- Exposition ----------------------------------------------------------------------------------
 def start_metrics_server(port: int, addr: str = "0.0.0.0",  # scraped from other pods
                          registry: CollectorRegistry | None = None) -> WSGIServer | None:
@@ -332,9 +312,3 @@ def render_metrics(accept: str | None = None, registry: CollectorRegistry | None
     for a web framework's own /metrics route (run it off the event loop: it may read Redis)."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(REGISTRY if registry is None else registry), content_type
-
-
-def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Awaitable[None]]:
-    """An ASGI app serving the registry (to mount on an ASGI server)."""
-    app: Callable[..., Awaitable[None]] = make_asgi_app(REGISTRY if registry is None else registry)
-    return app

@@ -4,6 +4,10 @@ Prices are configuration: a YAML file of USD per million tokens per model (input
 writes, cache reads). The package embeds a default file (`data/prices.yaml`); a deployment points
 the services at its own copy. Both tiers use the table: the frontier worker to bill its calls, the
 small worker to estimate what the frontier would have charged for the same tokens (the savings).
+
+Requests sent through the Message Batches API are billed at `batch_price_factor` times the list
+price of every token kind: a file-wide value (Anthropic's published batch price is half the list
+price, 0.5), which a model's own entry may override.
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from smallfirst.common.errors import ConfigurationError
 from smallfirst.common.jobs import Usage
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
+# The factor of a price file that does not name one: the provider's published batch price.
+DEFAULT_BATCH_PRICE_FACTOR = 0.5
 
 
-class PricingError(ValueError):
+class PricingError(ConfigurationError, ValueError):
     """The price file could not be loaded; the message names the file and the entry."""
 
 
-class UnknownModelPrice(LookupError):
+class UnknownModelPrice(ConfigurationError, LookupError):
     """No price is configured for a model, so its calls cannot be costed."""
 
     def __init__(self, model: str, known: tuple[str, ...]) -> None:
@@ -42,9 +49,15 @@ class ModelPrice(BaseModel):
     output: float = Field(ge=0)
     cache_write: float = Field(ge=0)
     cache_read: float = Field(ge=0)
+    # Batch price / list price; None in a file entry: the file's batch_price_factor.
+    batch_price_factor: float | None = Field(default=None, gt=0, le=1)
 
-    def cost_usd(self, usage: Usage) -> float:
-        micro_usd = (
+    def cost_usd(self, usage: Usage, batch: bool = False) -> float:
+        """USD for `usage`; `batch`: at the Message Batches price."""
+        factor = 1.0
+        if batch:
+            factor = DEFAULT_BATCH_PRICE_FACTOR if self.batch_price_factor is None else self.batch_price_factor
+        micro_usd = factor * (
             usage.input_tokens * self.input
             + usage.output_tokens * self.output
             + usage.cache_creation_input_tokens * self.cache_write
@@ -58,6 +71,7 @@ class _PriceFile(BaseModel):
 
     currency: str = "USD"
     unit: str = "per_million_tokens"
+    batch_price_factor: float = Field(default=DEFAULT_BATCH_PRICE_FACTOR, gt=0, le=1)
     models: dict[str, ModelPrice]
 
 
@@ -83,8 +97,8 @@ class PriceTable(Mapping[str, ModelPrice]):
         except KeyError:
             raise UnknownModelPrice(model, tuple(sorted(self._prices))) from None
 
-    def cost_usd(self, model: str, usage: Usage) -> float:
-        return self.price(model).cost_usd(usage)
+    def cost_usd(self, model: str, usage: Usage, batch: bool = False) -> float:
+        return self.price(model).cost_usd(usage, batch=batch)
 
 
 def default_prices_path() -> Path:
@@ -111,7 +125,10 @@ def load_price_table(path: Path | str | None = None) -> PriceTable:
         raise PricingError(f"{file}: prices must be in USD per_million_tokens, got {parsed.currency} {parsed.unit}")
     if not parsed.models:
         raise PricingError(f"{file}: no models priced")
-    return PriceTable(parsed.models, source=file)
+    prices = {model: price if price.batch_price_factor is not None
+              else price.model_copy(update={"batch_price_factor": parsed.batch_price_factor})
+              for model, price in parsed.models.items()}
+    return PriceTable(prices, source=file)
 
 
 @functools.cache
@@ -120,9 +137,10 @@ def default_price_table() -> PriceTable:
     return load_price_table()
 
 
-def cost_usd(model: str, usage: Usage, prices: PriceTable | None = None) -> float:
-    """What `usage` on `model` costs in USD; without `prices`, by the embedded default table.
+def cost_usd(model: str, usage: Usage, prices: PriceTable | None = None, batch: bool = False) -> float:
+    """What `usage` on `model` costs in USD (`batch`: sent in a Message Batch); without `prices`, by
+    the embedded default table.
 
     Raises UnknownModelPrice for a model the table does not list.
     """
-    return (prices if prices is not None else default_price_table()).cost_usd(model, usage)
+    return (prices if prices is not None else default_price_table()).cost_usd(model, usage, batch=batch)

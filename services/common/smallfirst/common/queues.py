@@ -1,8 +1,10 @@
 """The Celery application and the one place that publishes job messages.
 
-Messages carry only the job id; the job record in Redis is the truth. Reliability settings follow
-shared/REFERENCE.md ("Celery with a Redis broker"): late acks, reject on worker lost, prefetch 1,
-a visibility timeout longer than the longest job, and soft shutdown.
+Messages carry only the job id; the job record in Redis is the truth. The reliability settings are
+those a Redis broker needs for at-least-once delivery: late acks (a message is acknowledged after
+its task ran), reject on worker lost (a killed worker's message goes back), prefetch 1 (a busy
+worker holds no messages another could run), a visibility timeout longer than the longest job (or
+a running job is delivered twice), and soft shutdown (running tasks get time to finish).
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from celery import Celery
 from kombu import Queue
 
 from smallfirst.common import constants as k
-from smallfirst.common.jobs import Job, Priority, Tier
+from smallfirst.common.broker import TRANSPORT_PATH, split_broker_url
+from smallfirst.common.jobs import Job, JobStatus, Priority, Tier
 from smallfirst.common.settings import CoreSettings
 from smallfirst.common.telemetry import continued_trace
 
 
 def make_celery(settings: CoreSettings, *, main: str = "smallfirst") -> Celery:
-    app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    broker_url, broker_ssl = split_broker_url(settings.redis_url)
+    app = Celery(main, broker=broker_url, set_as_current=False)
     app.conf.update(
+        # kombu's Redis transport with the fix for a consumer that loses its connection (broker.py).
+        broker_transport=TRANSPORT_PATH,
+        # rediss://: the server's certificate is verified unless the URL says otherwise (broker.py).
+        broker_use_ssl=broker_ssl,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # An unexpected exception is a bug or a broken dependency: give the message back instead
-        # of acking it, so the job is retried rather than lost (the CAS guards against doubles).
+        # A task that passes its time limit gives its message back (requeued) instead of acking it.
+        # A task that raises an unexpected exception (a bug or a broken dependency) has its message
+        # rejected without requeue either way, so that a poison message cannot loop: its job's
+        # lease then runs out and the sweeper re-publishes it (the CAS guards against doubles).
+        # Infrastructure errors never get here: the task retries them itself (worker_app).
         task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
@@ -56,6 +67,7 @@ def make_celery(settings: CoreSettings, *, main: str = "smallfirst") -> Celery:
         task_routes={
             k.TASK_RUN_SMALL: {"queue": k.QUEUE_SMALL},
             k.TASK_RUN_FRONTIER: {"queue": k.QUEUE_FRONTIER},
+            k.TASK_RUN_SHADOW: {"queue": k.QUEUE_FRONTIER},
             k.TASK_DELIVER_WEBHOOK: {"queue": k.QUEUE_WEBHOOKS},
         },
         worker_send_task_events=False,
@@ -85,14 +97,15 @@ class Publisher:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def publish_job(self, job: Job, producer: Any = None) -> None:
-        """First delivery of a queued job, to the tier the routing policy chose."""
+    def publish_job(self, job: Job, producer: Any = None, *, countdown_s: float | None = None) -> None:
+        """Delivery of a queued job, to the tier the routing policy chose (`countdown_s`: not before
+        then, for a retry after a backoff)."""
         if job.route.tier is Tier.SMALL:
             self._send(k.TASK_RUN_SMALL, job.id, k.QUEUE_SMALL, message_priority(job.priority), job.traceparent,
-                       producer)
+                       producer, countdown_s=countdown_s)
         else:
             self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_FRONTIER, message_priority(job.priority),
-                       job.traceparent, producer)
+                       job.traceparent, producer, countdown_s=countdown_s)
 
     def publish_jobs(self, jobs: Sequence[Job], max_batch: int = 500) -> None:
         """First delivery of many jobs through one producer, pipelined by kombu's `Producer.batch`
@@ -103,18 +116,29 @@ class Publisher:
             batch = getattr(producer, "batch", None)
             with batch(max_size=max_batch) if batch is not None else contextlib.nullcontext():
                 for job in jobs:
-                    self.publish_job(job, producer)
+                    if job.status is JobStatus.ESCALATED:
+                        # A replayed job that had escalated waits for the frontier again.
+                        self.publish_escalation(job)
+                    else:
+                        self.publish_job(job, producer)
 
-    def publish_escalation(self, job: Job) -> None:
+    def publish_escalation(self, job: Job, *, countdown_s: float | None = None) -> None:
         self._send(k.TASK_RUN_FRONTIER, job.id, k.QUEUE_ESCALATION, message_priority(job.priority, escalated=True),
-                   job.traceparent)
+                   job.traceparent, countdown_s=countdown_s)
+
+    def publish_shadow(self, job: Job) -> None:
+        """A shadow sample of a job the small tier kept, for the frontier pool, behind all else."""
+        self._send(k.TASK_RUN_SHADOW, job.id, k.QUEUE_FRONTIER, k.PRIORITY_SHADOW, job.traceparent)
 
     def publish_webhook(self, job_id: str, traceparent: str | None = None) -> None:
         self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL, traceparent)
 
     def _send(self, task_name: str, job_id: str, queue: str, priority: int, traceparent: str | None,
-              producer: Any = None) -> None:
+              producer: Any = None, *, countdown_s: float | None = None) -> None:
         # Made current for the Celery instrumentation, if any, unless a span already is (a job's).
+        # A countdown makes an ETA message that a worker holds, unacked, until it is due; were that
+        # worker to die, the sweeper re-publishes the job once its retry time has passed.
         with continued_trace(traceparent):
             self.app.send_task(task_name, args=[job_id], queue=queue, priority=priority, producer=producer,
-                               headers={k.HEADER_TRACEPARENT: traceparent} if traceparent else None)
+                               headers={k.HEADER_TRACEPARENT: traceparent} if traceparent else None,
+                               countdown=countdown_s if countdown_s else None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smallfirst.common.catalog import Task
-from smallfirst.common.jobs import RouteDecision, RouteReason, Tier, TierHint
+from smallfirst.common.errors import InvalidRequest
+from smallfirst.common.jobs import FrontierMode, Priority, RouteDecision, RouteReason, Tier, TierHint
 
 # Without the small model's tokenizer at hand, input length is estimated from characters. Four
 # characters a token is the usual figure for English; a low estimate only sends a long input to the
@@ -13,7 +14,7 @@ from smallfirst.common.jobs import RouteDecision, RouteReason, Tier, TierHint
 CHARS_PER_TOKEN = 4
 
 
-class RoutingConflict(ValueError):
+class RoutingConflict(InvalidRequest, ValueError):
     """The job asks for something the policy forbids (a frontier hint on a local-only job)."""
 
     code = "local_only_conflict"
@@ -26,6 +27,29 @@ class RouteRequest:
     tier_hint: TierHint = TierHint.AUTO
     job_local_only: bool = False
     tenant_local_only: bool = False
+    priority: Priority = Priority.NORMAL
+    # The job asks for this frontier mode / the tenant's setting (None: not set at that level).
+    job_frontier_mode: FrontierMode | None = None
+    tenant_frontier_mode: FrontierMode | None = None
+    # A shadow sample (frontier work that checks the small tier, never urgent).
+    shadow: bool = False
+
+
+def decide_frontier_mode(request: RouteRequest) -> tuple[FrontierMode, str]:
+    """(batch or realtime, which level chose it): the job's mode overrides the tenant's, which
+    overrides the task's; `auto` sends `low` priority and shadow work to batches."""
+    for source, mode in (("job", request.job_frontier_mode), ("tenant", request.tenant_frontier_mode),
+                         ("task", request.task.routing.frontier_mode)):
+        if mode is None:
+            continue
+        if mode is not FrontierMode.AUTO:
+            return mode, source
+        if request.shadow:
+            return FrontierMode.BATCH, f"{source}:auto:shadow"
+        if request.priority is Priority.LOW:
+            return FrontierMode.BATCH, f"{source}:auto:low_priority"
+        return FrontierMode.REALTIME, f"{source}:auto:{request.priority.value}_priority"
+    return FrontierMode.REALTIME, "default"
 
 
 def is_local_only(request: RouteRequest) -> bool:
@@ -33,6 +57,12 @@ def is_local_only(request: RouteRequest) -> bool:
 
 
 def decide_route(request: RouteRequest) -> RouteDecision:
+    decision = _decide_tier(request)
+    mode, source = decide_frontier_mode(request)
+    return decision.model_copy(update={"frontier_mode": mode, "frontier_mode_source": source})
+
+
+def _decide_tier(request: RouteRequest) -> RouteDecision:
     local_only = is_local_only(request)
     if request.tier_hint is TierHint.FRONTIER:
         if local_only:

@@ -2,9 +2,10 @@
 and the heartbeat that the Kubernetes liveness probe reads.
 
 The sweeper covers the gaps Celery's at-least-once delivery leaves on a Redis broker: a message
-lost on an abrupt kill (kombu#1836), a crash between a job's state change and the publish that
-follows it, and a worker that died holding a job whose message will only be restored after the
-visibility timeout. Re-publishing is always safe: the job's compare-and-set lets exactly one
+lost on an abrupt kill (kombu#1836) or with the last writes of a killed Redis, a crash between a
+job's state change and the publish that follows it (for new jobs: the publish outbox the API
+writes in the job's own transaction), and a worker that died holding a job whose message will only
+be restored after the visibility timeout. Re-publishing is always safe: the job's compare-and-set lets exactly one
 delivery run an attempt.
 """
 
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import bootsteps
+from celery import bootsteps, signals
+from celery.worker import state as worker_state
 
 from smallfirst.common import constants as k
-from smallfirst.common.jobs import JobStatus, Tier
+from smallfirst.common.jobs import Job, JobStatus, Tier
 from smallfirst.common.queues import Publisher
 from smallfirst.common.store import CorruptJob, JobNotFound, JobStore
 
@@ -37,25 +39,40 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 
 
 class Sweeper:
-    """Re-publishes jobs that made no progress in time, and webhooks that are due."""
+    """Re-publishes jobs whose message may be missing, and webhooks that are due.
 
-    def __init__(self, store: JobStore, publisher: Publisher, *, webhook_retry_s: float = 60.0) -> None:
+    Three nets, each cheap and each harmless when it catches a job that was fine (a duplicate
+    message is dropped by the job's compare-and-set):
+    - the publish outbox: a new job whose first message was not confirmed within `outbox_grace_s`
+      of its storing (the API crashed or lost Redis between its transaction and its publish);
+    - the active-jobs index: any unfinished job past its progress deadline is re-published,
+      whatever the length of its queue (a backlog cannot hide a lost message: a job waiting behind
+      one gets at most one extra message per `stale_after_s`);
+    - a Redis restart (its run id changed): the restarted server may have lost the last writes of
+      the old one, messages included, so every unfinished job not held by a live lease is
+      re-published at once rather than after its deadline.
+    """
+
+    def __init__(self, store: JobStore, publisher: Publisher, *, webhook_retry_s: float = 60.0,
+                 outbox_grace_s: float = 10.0) -> None:
         self.store = store
         self.publisher = publisher
         self.webhook_retry_s = webhook_retry_s
+        self.outbox_grace_s = outbox_grace_s
 
     def sweep_once(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
-        counts = {"republished": 0, "dropped": 0, "webhooks": 0}
+        counts = {"republished": 0, "dropped": 0, "webhooks": 0, "unpublished": 0, "after_restart": 0}
+        if self._redis_restarted():
+            log.warning("sweeper: Redis restarted; re-publishing every unfinished job")
+            counts["after_restart"] = self._republish_all(now)
+        for job_id in self.store.unpublished(now - self.outbox_grace_s):
+            if self._drain_outbox_entry(job_id, now):
+                counts["unpublished"] += 1
         for job_id in self.store.due_jobs(now):
-            try:
-                job = self.store.get(job_id)
-            except (JobNotFound, CorruptJob):
-                self.store.redis.zrem(k.ACTIVE_JOBS_KEY, job_id)
+            job = self._active(job_id)
+            if job is None:
                 counts["dropped"] += 1
-                continue
-            if job.status.terminal:
-                self.store.redis.zrem(k.ACTIVE_JOBS_KEY, job_id)
                 continue
             if self._republish(job, now):
                 counts["republished"] += 1
@@ -69,7 +86,56 @@ class Sweeper:
             counts["webhooks"] += 1
         return counts
 
-    def _republish(self, job: Any, now: float) -> bool:
+    def _active(self, job_id: str) -> Job | None:
+        """The job if it has not ended; a missing, unreadable or ended job leaves the index."""
+        try:
+            job = self.store.get(job_id)
+        except (JobNotFound, CorruptJob):
+            self.store.redis.zrem(k.ACTIVE_JOBS_KEY, job_id)
+            return None
+        if job.status.terminal:
+            self.store.redis.zrem(k.ACTIVE_JOBS_KEY, job_id)
+            return None
+        return job
+
+    def _redis_restarted(self) -> bool:
+        """True once per Redis restart: the server's run id differs from the one the last sweep saw
+        (kept in Redis itself, so it survives the restart on the AOF and a new sweeper process)."""
+        run_id = str(self.store.redis.info("server").get("run_id", ""))
+        previous = self.store.redis.set(k.REDIS_RUN_ID_KEY, run_id, ex=k.REDIS_RUN_ID_TTL_S, get=True)
+        if previous is None:
+            return False
+        return (previous.decode() if isinstance(previous, bytes) else str(previous)) != run_id
+
+    def _republish_all(self, now: float) -> int:
+        count = 0
+        for job_id in list(self.store.active_jobs()):
+            job = self._active(job_id)
+            if job is not None and self._republish(job, now):
+                count += 1
+        return count
+
+    def _drain_outbox_entry(self, job_id: str, now: float) -> bool:
+        try:
+            job = self.store.get(job_id)
+        except (JobNotFound, CorruptJob):
+            self.store.published([job_id])
+            return False
+        # Still waiting in the state its unconfirmed message was for: publish that message (a
+        # retry's not before its time). A job that moved on was delivered: nothing to do.
+        countdown_s = (job.retry_at - now) if job.retry_at and job.retry_at > now else None
+        republish = job.status in (JobStatus.QUEUED, JobStatus.ESCALATED) and job.open_attempt() is None
+        if republish:
+            log.warning("job %s: %s but its message not confirmed; publishing it", job.id, job.status.value)
+            if job.status is JobStatus.ESCALATED:
+                self.publisher.publish_escalation(job, countdown_s=countdown_s)
+            else:
+                self.publisher.publish_job(job, countdown_s=countdown_s)
+        # Removed only after the publish: a failure here leaves the entry for the next sweep.
+        self.store.published([job_id])
+        return republish
+
+    def _republish(self, job: Job, now: float) -> bool:
         attempt = job.open_attempt()
         if job.status is JobStatus.RUNNING:
             if attempt is None or attempt.lease_expires_at > now:
@@ -82,20 +148,17 @@ class Sweeper:
             else:
                 self.publisher.publish_job(job)
             return True
-        # Queued or escalated: a message may still be waiting behind a backlog. Only an empty queue
-        # proves it was lost (a duplicate would be harmless, but would grow a backlog further).
+        # Queued or escalated and past its deadline (or Redis restarted): its message may be lost.
+        # Whether it still waits behind a backlog cannot be told cheaply, so publish regardless: a
+        # duplicate is one no-op delivery, a lost message a job that never ends.
+        countdown_s = (job.retry_at - now) if job.retry_at and job.retry_at > now else None
         if job.status is JobStatus.ESCALATED:
-            if queue_depth(self.store.redis, k.QUEUE_ESCALATION) == 0:
-                log.warning("job %s: escalation message missing; re-publishing", job.id)
-                self.publisher.publish_escalation(job)
-                return True
-            return False
-        queue = k.QUEUE_SMALL if job.route.tier is Tier.SMALL else k.QUEUE_FRONTIER
-        if queue_depth(self.store.redis, queue) == 0:
-            log.warning("job %s: queued message missing; re-publishing", job.id)
-            self.publisher.publish_job(job)
-            return True
-        return False
+            log.warning("job %s: escalated and past due; re-publishing its frontier message", job.id)
+            self.publisher.publish_escalation(job, countdown_s=countdown_s)
+        else:
+            log.warning("job %s: queued and past due; re-publishing its message", job.id)
+            self.publisher.publish_job(job, countdown_s=countdown_s)
+        return True
 
 
 class SweeperThread(threading.Thread):
@@ -143,29 +206,100 @@ def heartbeat_age_s(pool: str, now: float | None = None) -> float | None:
     return (time.time() if now is None else now) - mtime
 
 
+class ConsumptionMonitor:
+    """Whether a worker is consuming: it received a message lately, or all its threads are busy, or
+    nothing waits in its queues. Only "messages wait, threads are free, nothing arrives" is a stall:
+    the failure of a consumer that reconnected but no longer polls the queues (celery#8082, #10205),
+    whose event loop, and so a plain timer heartbeat, keeps running.
+
+    A broker that cannot be reached is not a stall of this worker (restarting it would not help, and
+    every worker of the pool would be restarted at once): it keeps beating, and the consumer's own
+    reconnection, or its exit on an unrecoverable error, handles the outage.
+    """
+
+    def __init__(self, client: redis.Redis | None, queues: tuple[str, ...], *, stall_s: float,
+                 concurrency: int | None) -> None:
+        self.client = client
+        self.queues = queues
+        self.stall_s = stall_s
+        self.concurrency = concurrency
+        self.last_received = time.monotonic()
+
+    def received(self) -> None:
+        self.last_received = time.monotonic()
+
+    def waiting(self) -> int:
+        assert self.client is not None
+        return sum(queue_depth(self.client, queue) for queue in self.queues)
+
+    def consuming(self, active: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now - self.last_received < self.stall_s:
+            return True
+        if self.concurrency is not None and active >= self.concurrency:
+            return True
+        if self.client is None:
+            return True
+        try:
+            waiting = self.waiting()
+        except (redis.RedisError, OSError):
+            return True
+        if waiting:
+            log.error("worker stalled: %d messages wait in %s, %d of %s threads busy, nothing received for %.0f s",
+                      waiting, ",".join(self.queues), active, self.concurrency, now - self.last_received)
+            return False
+        return True
+
+
 class HeartbeatStep(bootsteps.StartStopStep):
-    """Touches the heartbeat file from the consumer's own event loop: if that loop hangs (the failure
-    mode of celery#8082, a consumer that stops consuming), the file goes stale and the probe fails."""
+    """Touches the heartbeat file from the consumer's own event loop while the worker consumes: if that
+    loop hangs, or the consumer stops taking messages that wait for it (`ConsumptionMonitor`), the
+    file goes stale and the liveness probe fails."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
     interval_s = 10.0
     pool_name = "worker"
+    # Set by the pool (worker_app.install_pool_runtime): how to read its queues, and when to call it a stall.
+    redis_url: str | None = None
+    queues: tuple[str, ...] = ()
+    stall_s = 60.0
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self._timer_entry: Any = None
+        self.monitor: ConsumptionMonitor | None = None
 
     def start(self, parent: Any) -> None:
         path = heartbeat_path(self.pool_name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        client = (redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+                  if self.redis_url else None)
+        concurrency = getattr(getattr(parent, "controller", None), "concurrency", None)
+        monitor = ConsumptionMonitor(client, self.queues, stall_s=self.stall_s,
+                                     concurrency=concurrency if isinstance(concurrency, int) else None)
+        self.monitor = monitor
+        # The consumer starts over after a reconnect: a new grace period for it to take a message.
+        signals.task_received.connect(self._on_received, weak=False)
 
         def beat() -> None:
-            path.touch()
+            if monitor.consuming(active=len(worker_state.active_requests)):
+                path.touch()
 
-        beat()
-        self._timer_entry = parent.timer.call_repeatedly(self.interval_s, beat)
+        path.touch()
+        # Often enough that a stall shows within about `stall_s` (and never less often than every 10 s).
+        self._timer_entry = parent.timer.call_repeatedly(min(self.interval_s, self.stall_s / 2), beat)
+
+    def _on_received(self, **_: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.received()
 
     def stop(self, parent: Any) -> None:
+        # Also on every consumer restart (a lost broker connection): the file stays, and ages while the
+        # consumer reconnects, so a reconnect slower than the probe's limit fails the probe.
         if self._timer_entry is not None:
             self._timer_entry.cancel()
+        signals.task_received.disconnect(self._on_received)
+
+    def shutdown(self, parent: Any) -> None:
+        self.stop(parent)
         heartbeat_path(self.pool_name).unlink(missing_ok=True)

@@ -21,20 +21,32 @@ class CoreSettings(BaseSettings):
     # How long a job record (and its place in the tenant's listing) is kept after its last change.
     job_retention_s: int = Field(default=7 * 24 * 3600, gt=0)
 
-    # ---- Celery reliability (see shared/REFERENCE.md, "Celery with a Redis broker") ----------
+    # ---- Celery reliability on a Redis broker (queues.py says which settings and why) ---------
     # Must exceed the longest job, including every retry and backoff, or a job still running would
     # be delivered a second time.
     broker_visibility_timeout_s: int = Field(default=3 * 3600, gt=0)
-    # A job's lease: a redelivered message may take over a running attempt only once it expired.
-    # Kept below the visibility timeout so that a redelivery after a crash always finds it expired.
-    job_lease_s: int = Field(default=2 * 3600, gt=0)
-    # Hard time limit of one task; the lease outlives it.
+    # A job's lease: a redelivered message (or the sweeper) may take over a running attempt only
+    # once it expired. The worker renews it every third of this while the attempt runs, so it
+    # bounds how long a dead worker's job waits, not how long an attempt may take. Kept below the
+    # visibility timeout so that a redelivery after a crash always finds it expired.
+    job_lease_s: int = Field(default=120, gt=0)
+    # Hard time limit of one task.
     task_time_limit_s: int = Field(default=30 * 60, gt=0)
     # Warm shutdown waits this long for running tasks before it gives them back to the queue.
     worker_soft_shutdown_timeout_s: float = Field(default=60.0, ge=0)
+    # A worker whose consumer cannot recover (an unrecoverable error in Celery's consumer) lets its
+    # running tasks finish for at most this long, then exits non-zero for its supervisor to restart it.
+    worker_exit_grace_s: float = Field(default=30.0, ge=0)
+    # Liveness: a worker with free threads that received no message for this long while its queues
+    # hold messages is not consuming (a consumer that reconnected but no longer polls): it stops
+    # beating, and the liveness probe fails once the heartbeat is older than the probe's limit.
+    worker_stall_s: float = Field(default=60.0, gt=0)
     # The sweeper re-publishes a job that made no progress for this long (lost broker message).
     sweep_stale_after_s: int = Field(default=15 * 60, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    # A new job whose first message the API has not confirmed this long after storing it is
+    # published by the sweeper (the API normally confirms within milliseconds).
+    sweep_outbox_grace_s: float = Field(default=10.0, gt=0)
 
     # Operator switch: callbacks to loopback and private networks (refused by default, see webhooks.py).
     allow_private_callbacks: bool = False

@@ -43,6 +43,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from smallfirst.common import constants as k
+from smallfirst.common.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from smallfirst.common.jobs import Attempt, Job, Usage, Verdict
@@ -59,7 +60,7 @@ PROTOCOL_GRPC = "grpc"
 DEFAULT_FASTAPI_EXCLUDED_URLS = "/metrics,/healthz,/readyz,/livez"
 
 
-class TelemetryConfigError(ValueError):
+class TelemetryConfigError(ConfigurationError, ValueError):
     """An OTEL_* variable names an exporter or protocol this service does not support."""
 
 
@@ -148,10 +149,6 @@ def configure_telemetry(service_name: str) -> Telemetry:
         return _telemetry
 
 
-def current_telemetry() -> Telemetry | None:
-    return _telemetry
-
-
 def tracing_enabled() -> bool:
     return _telemetry is not None and _telemetry.tracing_enabled
 
@@ -174,9 +171,16 @@ def _install_tracer_provider(config: TracingConfig) -> Any:
 
 def _otlp_exporter(protocol: str) -> Any:
     if protocol == PROTOCOL_GRPC:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        return GrpcExporter()
+        # Installed only with the extras that carry grpcio (small worker, inference): the API and
+        # the other images export over HTTP instead of failing to start.
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            log.warning("tracing: OTLP over gRPC is not installed in this image; exporting over %s instead "
+                        "(set OTEL_EXPORTER_OTLP_ENDPOINT to the collector's HTTP port, usually 4318)",
+                        PROTOCOL_HTTP)
+        else:
+            return GrpcExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter()

@@ -23,6 +23,9 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, ValidationError
 
 from smallfirst.common import constants as k
+from smallfirst.common.budgets import BudgetPolicy
+from smallfirst.common.errors import Conflict, NotFound, RequestError
+from smallfirst.common.jobs import FrontierMode
 from smallfirst.common.webhooks import generate_secret
 
 API_KEY_PREFIX = "sf_live_"
@@ -36,15 +39,15 @@ return redis.call('HGET', KEYS[2], tenant_id)
 """
 
 
-class TenantError(ValueError):
+class TenantError(RequestError, ValueError):
     """A tenant operation was refused; the message says why."""
 
 
-class TenantExists(TenantError):
+class TenantExists(TenantError, Conflict):
     pass
 
 
-class TenantNotFound(TenantError, LookupError):
+class TenantNotFound(TenantError, NotFound, LookupError):
     pass
 
 
@@ -57,15 +60,43 @@ class Tenant(BaseModel):
     webhook_secret: str
     # Every job of this tenant stays on the self-hosted tier.
     local_only: bool = False
+    # False: no job of this tenant becomes a training example (its answers are still served).
+    learning: bool = True
+    # False: this tenant's feedback is counted but never trains a head shared by other tenants.
+    feedback_trusted: bool = True
     # None: the API's default quota applies.
     quota_jobs_per_minute: int | None = Field(default=None, gt=0)
     # Lets this tenant's callbacks reach private addresses (a tenant inside the operator's network).
     allow_private_callbacks: bool = False
+    # How this tenant's frontier attempts are sent when the job does not say; None: the task's mode.
+    frontier_mode: FrontierMode | None = None
+    # Frontier spend budgets in USD per UTC day and month (None: no limit), and what happens to work
+    # that would call the frontier once one is spent (budgets.py).
+    budget_daily_usd: float | None = Field(default=None, ge=0)
+    budget_monthly_usd: float | None = Field(default=None, ge=0)
+    budget_policy: BudgetPolicy = BudgetPolicy.SMALL_ONLY
+    # Quotas (quotas.py) and retention; None: the API's default for every tenant applies.
+    quota_max_jobs_in_flight: int | None = Field(default=None, gt=0)
+    quota_max_bytes_stored: int | None = Field(default=None, gt=0)
+    quota_submissions_per_s: float | None = Field(default=None, gt=0)
+    quota_submissions_burst: int | None = Field(default=None, gt=0)
+    quota_max_input_bytes: int | None = Field(default=None, gt=0)
+    # How long this tenant's job records, results and listing entries are kept after their last change.
+    retention_s: int | None = Field(default=None, gt=0)
+    # How long a replayable idempotency record is kept.
+    idempotency_ttl_s: int | None = Field(default=None, gt=0)
     created_at: float = 0.0
 
     def public(self) -> dict[str, Any]:
         """What an operator may see: everything but the key hashes."""
         return self.model_dump(mode="json", exclude={"api_key_hashes"})
+
+
+# The settings `TenantRegistry.update(limits=...)` and `smallfirst tenant update` may change by name.
+LIMIT_FIELDS: tuple[str, ...] = (
+    "quota_jobs_per_minute", "budget_daily_usd", "budget_monthly_usd", "budget_policy", "quota_max_jobs_in_flight",
+    "quota_max_bytes_stored", "quota_submissions_per_s", "quota_submissions_burst", "quota_max_input_bytes",
+    "retention_s", "idempotency_ttl_s")
 
 
 @dataclass(frozen=True)
@@ -74,6 +105,17 @@ class IssuedTenant:
 
     tenant: Tenant
     api_key: str
+
+
+def _with_limits(tenant: Tenant, limits: dict[str, Any]) -> Tenant:
+    """`tenant` with the settings in `limits` (names from LIMIT_FIELDS), validated."""
+    unknown = sorted(set(limits) - set(LIMIT_FIELDS))
+    if unknown:
+        raise TenantError(f"unknown tenant setting(s) {unknown}; known: {sorted(LIMIT_FIELDS)}")
+    try:
+        return Tenant.model_validate({**tenant.model_dump(), **limits})
+    except ValidationError as exc:
+        raise TenantError(f"invalid tenant setting: {exc}") from exc
 
 
 def hash_api_key(api_key: str) -> str:
@@ -106,7 +148,8 @@ class TenantRegistry:
         self.redis = client
 
     def create(self, name: str, *, tenant_id: str | None = None, local_only: bool = False,
-               quota_jobs_per_minute: int | None = None, allow_private_callbacks: bool = False) -> IssuedTenant:
+               quota_jobs_per_minute: int | None = None, allow_private_callbacks: bool = False,
+               frontier_mode: FrontierMode | None = None, limits: dict[str, Any] | None = None) -> IssuedTenant:
         """Create a tenant and its first API key; the plaintext key is returned here and never again."""
         if not name.strip():
             raise TenantError("a tenant needs a non-empty name")
@@ -119,7 +162,10 @@ class TenantRegistry:
         tenant = Tenant(id=tenant_id, name=name, api_key_hashes=[hash_api_key(api_key)],
                         webhook_secret=generate_secret(), local_only=local_only,
                         quota_jobs_per_minute=quota_jobs_per_minute,
-                        allow_private_callbacks=allow_private_callbacks, created_at=time.time())
+                        allow_private_callbacks=allow_private_callbacks, frontier_mode=frontier_mode,
+                        created_at=time.time())
+        if limits:
+            tenant = _with_limits(tenant, limits)
         if not self.redis.hsetnx(k.TENANTS_KEY, tenant.id, tenant.model_dump_json()):
             raise TenantExists(f"tenant {tenant_id!r} already exists")
         self.redis.set(k.api_key_key(tenant.api_key_hashes[0]), tenant.id)
@@ -165,11 +211,23 @@ class TenantRegistry:
         self._revoke_hashes(tenant_id, old)
         return api_key
 
-    def update(self, tenant_id: str, *, local_only: bool | None = None, quota_jobs_per_minute: int | None = None,
-               allow_private_callbacks: bool | None = None) -> Tenant:
+    def update(self, tenant_id: str, *, local_only: bool | None = None, learning: bool | None = None,
+               quota_jobs_per_minute: int | None = None, allow_private_callbacks: bool | None = None,
+               frontier_mode: FrontierMode | None = None, limits: dict[str, Any] | None = None) -> Tenant:
+        """Change a tenant's settings; `limits` sets budget, quota and retention fields by name (a
+        value of None clears one: the API's default applies again)."""
+        checked = _with_limits(self.get(tenant_id), limits) if limits else None
+
         def change(tenant: Tenant) -> None:
+            if checked is not None:
+                for name in limits or {}:
+                    setattr(tenant, name, getattr(checked, name))
+            if frontier_mode is not None:
+                tenant.frontier_mode = frontier_mode
             if local_only is not None:
                 tenant.local_only = local_only
+            if learning is not None:
+                tenant.learning = learning
             if quota_jobs_per_minute is not None:
                 tenant.quota_jobs_per_minute = quota_jobs_per_minute
             if allow_private_callbacks is not None:

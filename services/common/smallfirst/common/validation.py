@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -118,11 +119,40 @@ def implicit_validators(task: Task) -> tuple[ValidatorSpec, ...]:
     return (NonEmptyValidator(),)
 
 
+@dataclass(frozen=True)
+class LearnedGate:
+    """What a task's trained head says about its own answer: the calibrated threshold its confidence
+    must reach, and how unlike the training examples the input is (escalate above the floor)."""
+
+    version: int
+    threshold: float
+    novelty: float
+    novelty_floor: float
+
+
+def check_gate(gate: LearnedGate, confidence: float | None) -> list[str]:
+    reasons = []
+    if confidence is None or confidence < gate.threshold:
+        reasons.append(f"learned_threshold: confidence {confidence or 0.0:.3f} is below the calibrated "
+                       f"{gate.threshold:.3f} of head v{gate.version}")
+    if gate.novelty > gate.novelty_floor:
+        reasons.append(f"novelty: {gate.novelty:.3f} from the nearest training example, above the floor "
+                       f"{gate.novelty_floor:.3f} of head v{gate.version}")
+    return reasons
+
+
 def validate(task: Task, answer: Any, confidence: float | None, job_input: dict[str, str], *,
-             tier: Tier = Tier.SMALL) -> Verdict:
+             tier: Tier = Tier.SMALL, gate: LearnedGate | None = None) -> Verdict:
+    """The verdict on `answer`. With a `gate` (the answer came from a task's trained head), the
+    head's calibrated threshold and novelty floor take the place of `min_confidence`, whose
+    threshold was set for the seed scorer's scale."""
     reasons: list[str] = []
     seen: set[str] = set()
+    if gate is not None and tier is Tier.SMALL:
+        reasons.extend(check_gate(gate, confidence))
     for spec in (*implicit_validators(task), *task.validators):
+        if isinstance(spec, MinConfidenceValidator) and gate is not None:
+            continue
         if isinstance(spec, MinConfidenceValidator) and tier is Tier.FRONTIER:
             # A confidence threshold decides whether to escalate; the frontier tier is where
             # escalations end, and its answers carry no comparable score.

@@ -7,7 +7,8 @@ base64 part of the tenant's `whsec_...` secret. Receivers reject timestamps too 
 captured callback cannot be replayed later.
 
 Callback URLs that resolve to loopback, private, link-local or other non-public addresses are
-refused unless the operator allows them: otherwise a tenant could make the workers call into the
+refused unless the operator allows them (also when hidden in an IPv6 form that embeds an IPv4
+address: IPv4-mapped and -compatible, NAT64, 6to4, Teredo): otherwise a tenant could make the workers call into the
 operator's own network (SSRF). The API checks at submit time, the delivery task again at send time
 (a DNS answer may have changed in between), and should connect to the addresses the check returns.
 """
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from smallfirst.common import constants as k
+from smallfirst.common.errors import InvalidRequest, SmallfirstError
 
 SECRET_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"
@@ -35,11 +37,11 @@ ALLOWED_SCHEMES = ("http", "https")
 Resolver = Callable[[str, int], Sequence[str]]
 
 
-class WebhookVerificationError(ValueError):
+class WebhookVerificationError(SmallfirstError, ValueError):
     """A webhook's signature or timestamp does not check out; the message says which."""
 
 
-class CallbackUrlRefused(ValueError):
+class CallbackUrlRefused(InvalidRequest, ValueError):
     """A callback URL the policy does not allow; the message says why."""
 
     code = "callback_url_not_allowed"
@@ -118,13 +120,45 @@ def _system_resolver(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+# IPv6 prefixes whose low 32 bits are an IPv4 address that a translator connects to: NAT64's
+# well-known prefix (RFC 6052) and its local-use prefix (RFC 8215). `ipaddress` calls both global.
+_NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and may end up reaching: IPv4-mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d, deprecated), NAT64 (64:ff9b::/96 and
+    64:ff9b:1::/48), 6to4 (2002::/16) and Teredo (2001::/32: its server and its client)."""
+    found: list[ipaddress.IPv4Address] = []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _IPV4_COMPATIBLE:
+        found.append(low32)
+    if any(ip in prefix for prefix in _NAT64_PREFIXES):
+        found.append(low32)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(ip)
+        if ip.ipv4_mapped is not None:
+            # Only the IPv4 address counts: ::ffff:0:0/96 itself is never "global".
+            candidates = list(embedded)
+        else:
+            candidates.extend(embedded)
     # is_global is false for loopback, private, link-local (cloud metadata), shared (CGNAT),
-    # unspecified and reserved ranges; multicast is never a web server.
-    return ip.is_global and not ip.is_multicast
+    # unspecified and reserved ranges; multicast is never a web server. Every address a
+    # connection may reach must pass, the embedded IPv4 ones included.
+    return all(c.is_global and not c.is_multicast for c in candidates)
 
 
 def check_callback_url(url: str, allow_private: bool, *, resolver: Resolver | None = None) -> list[str]:

@@ -1,6 +1,6 @@
-"""What both worker pools share around their Celery tasks: building the per-process runtime after
-the worker starts, retrying on infrastructure errors, the sweeper, the liveness heartbeat, and the
-observability of the process (JSON logs, tracing, the Prometheus metrics server)."""
+"""What every worker pool shares around its Celery tasks: the bootstrap that builds the per-process
+runtime once when the worker starts, retrying on infrastructure errors, the sweeper, the liveness
+heartbeat, and the observability of the process (JSON logs, tracing, the Prometheus metrics server)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,22 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import redis
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery import Task as CeleryTask
 
 from smallfirst.common import constants as k
 from smallfirst.common import telemetry
-from smallfirst.common.catalog import load_catalog
+from smallfirst.common.budgets import BudgetLedger, default_budget_metrics
+from smallfirst.common.catalog import Catalog, load_catalog
+from smallfirst.common.deadletters import REASON_UNDECODABLE, record_undecodable
+from smallfirst.common.examples import ExampleMemory
 from smallfirst.common.execution import JobExecution
 from smallfirst.common.jobs import Tier
-from smallfirst.common.metrics import start_metrics_server
+from smallfirst.common.metrics import default_job_metrics, start_metrics_server
 from smallfirst.common.queues import Publisher
 from smallfirst.common.runtime import HeartbeatStep, Sweeper, SweeperThread
 from smallfirst.common.settings import CoreSettings
@@ -35,53 +38,82 @@ T = TypeVar("T")
 # backoff instead of failing the job, so a Redis restart loses nothing.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, StoreConflict)
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
+# Publishing the retry of a delivery while Redis is away: Celery's default policy gives up after about
+# a second, and a retry that cannot be published rejects its message for good (Celery's Task.retry
+# raises Reject(requeue=False)), leaving the job to the sweeper. Waiting for Redis keeps the message.
+RETRY_PUBLISH_POLICY: dict[str, float | int] = {"max_retries": 60, "interval_start": 0.5, "interval_step": 0.5,
+                                                  "interval_max": 3.0}
 
 # The service name each pool's traces and logs carry (OTEL_SERVICE_NAME overrides it).
 POOL_SERVICE_NAMES: dict[str, str] = {
     k.POOL_SMALL: k.SERVICE_SMALL_WORKER,
     k.POOL_FRONTIER: k.SERVICE_FRONTIER_WORKER,
+    k.POOL_WEBHOOKS: k.SERVICE_WEBHOOK_WORKER,
 }
 
 
-class Lazy(Generic[T]):
-    """Built on first use, once, in the worker process: gRPC channels and Redis pools must not be
-    created before a process forks (grpc/grpc#13464)."""
+class BootstrapError(RuntimeError):
+    """The pool's runtime could not be built (bad settings, price file or catalog)."""
 
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
+
+class PoolBootstrap(Generic[T]):
+    """The one place a pool's process builds its clients (Redis, gRPC, Anthropic) and its runtime.
+
+    `start` runs once, at Celery's `worker_init`: in the process that runs the tasks (the pools run
+    Celery's threads pool, so there is no fork after it; gRPC channels and Redis pools must never be
+    created before a fork, grpc/grpc#13464), and before the consumer takes a message. A runtime that
+    cannot be built stops the process there with the reason, so a bad price file or catalog never
+    costs a job.
+    """
+
+    def __init__(self, pool: str, build: Callable[[], T]) -> None:
+        self.pool = pool
+        self._build = build
         self._value: T | None = None
         self._lock = threading.Lock()
 
+    def start(self) -> T:
+        with self._lock:
+            if self._value is None:
+                try:
+                    self._value = self._build()
+                except Exception as exc:
+                    raise BootstrapError(f"the {self.pool} worker cannot start: {type(exc).__name__}: {exc}") from exc
+            return self._value
+
     def get(self) -> T:
         if self._value is None:
-            with self._lock:
-                if self._value is None:
-                    self._value = self._factory()
+            raise BootstrapError(f"the {self.pool} pool's runtime is used before its worker started")
         return self._value
 
-    @property
-    def built(self) -> bool:
-        return self._value is not None
+
+def pool_redis(settings: CoreSettings) -> redis.Redis:
+    """The Redis client of one pool process, shared by its store, caches and limiters (thread-safe:
+    one connection pool). Only a pool's bootstrap calls this."""
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=10, socket_keepalive=True)
 
 
-def build_execution(settings: CoreSettings, app: Celery) -> JobExecution:
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=10, socket_keepalive=True)
+def build_execution(settings: CoreSettings, app: Celery, client: redis.Redis,
+                    catalog: Catalog | None = None) -> JobExecution:
     store = JobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    return JobExecution(store, Publisher(app), load_catalog(settings.catalog_path), lease_s=settings.job_lease_s,
-                        worker_name=worker_name)
+    return JobExecution(store, Publisher(app), catalog or load_catalog(settings.catalog_path),
+                        lease_s=settings.job_lease_s, worker_name=worker_name, examples=ExampleMemory(client),
+                        budgets=BudgetLedger(client, default_budget_metrics()))
 
 
 def retry_countdown_s(retries: int) -> int:
     return RETRY_BACKOFF_S[min(retries, len(RETRY_BACKOFF_S) - 1)]
 
 
-def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, execution: Lazy[JobExecution], *,
-                         metrics_port: int = 0, instrument: Sequence[Callable[[], object]] = ()) -> None:
+def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstrap: PoolBootstrap[T], *,
+                         metrics_port: int = 0, instrument: Sequence[Callable[[], object]] = (),
+                         execution_of: Callable[[T], JobExecution] | None = None) -> None:
     """Everything a pool's worker process runs beside its tasks: JSON logs with the job and trace ids,
     tracing from the OTEL_* environment (Celery and Redis instrumented, plus `instrument`, e.g.
     `telemetry.instrument_grpc_client`), the Prometheus metrics server on `metrics_port` (0: none),
-    the heartbeat for the liveness probe, and the sweeper thread (one active per deployment).
+    the bootstrap of its runtime, the heartbeat for the liveness probe, and, for the pools that run
+    jobs (`execution_of` given), the sweeper thread (one active per deployment).
 
     Call it in the pool's app factory, before the worker starts. The metrics server serves this
     process's default registry, which holds every job counted by its threads: the pools run Celery's
@@ -93,10 +125,29 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, executi
 
     class PoolHeartbeat(HeartbeatStep):
         pool_name = pool
+        redis_url = settings.redis_url
+        queues = k.POOL_QUEUES.get(pool, ())
+        stall_s = settings.worker_stall_s
 
     app.steps["consumer"].add(PoolHeartbeat)
+    install_undecodable_dead_letters(app, settings)
     sweeper_threads: list[SweeperThread] = []
     metrics_servers: list[WSGIServer] = []
+
+    @signals.worker_init.connect(weak=False)
+    def start_runtime(**_: object) -> None:
+        try:
+            bootstrap.start()
+        except BootstrapError as exc:
+            log.critical("%s", exc)
+            # SystemExit, not an Exception: Celery's signal dispatch logs and swallows those, and the
+            # worker would go on to consume with no runtime. This leaves before the consumer starts.
+            raise SystemExit(str(exc)) from exc
+
+    @signals.worker_init.connect(weak=False)
+    def exit_when_unrecoverable(sender: Any = None, **_: object) -> None:
+        if sender is not None:
+            bound_exit_on_failure(sender, settings.worker_exit_grace_s)
 
     @signals.worker_init.connect(weak=False)
     def start_metrics(**_: object) -> None:
@@ -112,9 +163,11 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, executi
 
     @signals.worker_ready.connect(weak=False)
     def start_sweeper(**_: object) -> None:
-        runtime = execution.get()
-        thread = SweeperThread(Sweeper(runtime.store, runtime.publisher), interval_s=settings.sweep_interval_s,
-                               owner=runtime.worker_name)
+        if execution_of is None:
+            return
+        runtime = execution_of(bootstrap.get())
+        sweeper = Sweeper(runtime.store, runtime.publisher, outbox_grace_s=settings.sweep_outbox_grace_s)
+        thread = SweeperThread(sweeper, interval_s=settings.sweep_interval_s, owner=runtime.worker_name)
         thread.start()
         sweeper_threads.append(thread)
 
@@ -124,6 +177,94 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, executi
             thread.stop()
         for server in metrics_servers:
             server.shutdown()
+
+
+def bound_exit_on_failure(worker: Any, grace_s: float) -> None:
+    """Make a worker whose consumer failed for good leave within `grace_s`, non-zero.
+
+    Celery answers an unrecoverable error of its consumer (it logs "Unrecoverable error") with a warm
+    shutdown: it stops consuming and then waits for every running task, which in the threads pool
+    is unbounded, so the process lingers, alive but taking no message. Here, once a stop with a
+    failure exit code begins, a timer ends the process with that code after `grace_s` even if
+    tasks are still running; their messages are unacknowledged, so the broker or the sweeper gives
+    them to another worker. The supervisor (Kubernetes, compose `restart:`, `smallfirst dev`)
+    starts a fresh worker.
+    """
+    original_stop = worker.stop
+
+    def stop(in_sighandler: bool = False, exitcode: int | None = None) -> None:
+        if exitcode not in (None, 0):
+            code = int(exitcode)
+            log.critical("the worker stops with exit code %d; it leaves in at most %.0f s", code, grace_s)
+            timer = threading.Timer(grace_s, _hard_exit, args=(code,))
+            timer.daemon = True
+            timer.start()
+        original_stop(in_sighandler=in_sighandler, exitcode=exitcode)
+
+    worker.stop = stop
+
+
+def _hard_exit(code: int) -> None:
+    log.critical("running tasks did not finish within the exit grace; leaving now with exit code %d", code)
+    logging.shutdown()
+    os._exit(code)
+
+
+class UndecodableMessages:
+    """Keeps every queue message this pool cannot decode in the dead letters (Celery would log it
+    and drop it): a body that is not JSON, a message without a task, a task this worker does not
+    know, arguments that do not fit the task. The message itself is acknowledged or rejected as
+    Celery does, so it never loops."""
+
+    def __init__(self, settings: CoreSettings) -> None:
+        self.settings = settings
+        self._client: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    def record(self, message: object, error: str) -> None:
+        try:
+            with self._lock:
+                if self._client is None:
+                    self._client = pool_redis(self.settings)
+                client = self._client
+            delivery_info = getattr(message, "delivery_info", None) or {}
+            entry = record_undecodable(client, getattr(message, "body", message), error,
+                                       queue=delivery_info.get("routing_key"),
+                                       retention_s=self.settings.job_retention_s)
+            default_job_metrics().dead_letters_added.labels("", REASON_UNDECODABLE).inc()
+            log.error("undecodable message kept as dead letter %s: %s", entry.id, error)
+        except (redis.RedisError, OSError) as exc:
+            log.error("undecodable message could not be kept in the dead letters (%s): %s", exc, error)
+
+
+def install_undecodable_dead_letters(app: Celery, settings: CoreSettings) -> UndecodableMessages:
+    undecodable = UndecodableMessages(settings)
+
+    class DeadLetterDecodeErrors(bootsteps.StartStopStep):
+        """Wraps the consumer's decode-error handler (Celery sends no signal for it)."""
+
+        def __init__(self, parent: object, **kwargs: object) -> None:
+            super().__init__(parent, **kwargs)
+            celery_handler = parent.on_decode_error  # type: ignore[attr-defined]
+
+            def on_decode_error(message: object, exc: BaseException) -> None:
+                undecodable.record(message, f"cannot decode the message: {type(exc).__name__}: {exc}")
+                celery_handler(message, exc)
+
+            parent.on_decode_error = on_decode_error  # type: ignore[attr-defined]
+
+    app.steps["consumer"].add(DeadLetterDecodeErrors)
+
+    @signals.task_rejected.connect(weak=False)
+    def on_rejected(message: object = None, exc: BaseException | None = None, **_: object) -> None:
+        undecodable.record(message, f"not a task message: {exc}" if exc is not None
+                           else "not a task message (no task header)")
+
+    @signals.task_unknown.connect(weak=False)
+    def on_unknown(message: object = None, name: str = "", **_: object) -> None:
+        undecodable.record(message, f"unknown task {name!r}")
+
+    return undecodable
 
 
 class JobRunner(Protocol):
@@ -141,4 +282,5 @@ def register_job_task(app: Celery, name: str, tier: Tier, runner: Callable[[], J
                 runner().run(job_id, self.request.id)
         except RETRYABLE_ERRORS as exc:
             log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
-            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None) from exc
+            raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None,
+                             retry=True, retry_policy=RETRY_PUBLISH_POLICY) from exc

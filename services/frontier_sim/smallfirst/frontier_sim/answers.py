@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from smallfirst.common.errors import ConfigurationError
 from smallfirst.frontier_sim.protocol import SimRequest
 from smallfirst.frontier_sim.settings import AnswerStrategy
 
@@ -30,7 +30,7 @@ _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 
 
-class AnswerSourceError(ValueError):
+class AnswerSourceError(ConfigurationError, ValueError):
     """A script or labels file could not be loaded; the message names the file and the entry."""
 
 
@@ -331,7 +331,3 @@ def _mentions(value: Any, label: str) -> bool:
     if isinstance(value, list):
         return any(_mentions(v, label) for v in value)
     return False
-
-
-def conforms(schema: dict[str, Any], value: Any) -> bool:
-    return jsonschema.Draft202012Validator(schema).is_valid(value)

@@ -2,8 +2,10 @@
 
 It speaks enough of `POST /v1/messages` for the official SDK (`base_url`): text answers, forced
 tool use, native structured outputs (`output_config.format`), usage figures, request ids and the
-API's error bodies and status codes. Faults are injected per request (`x-sim-fault` header), queued
-for the next requests (`POST /_sim/faults`) or drawn at configured rates. `GET /_sim/stats` counts
+API's error bodies and status codes, and the Message Batches API (`/v1/messages/batches`, see
+`batches.py`) whose requests are answered by the same code. Faults are injected per request
+(`x-sim-fault` header), queued for the next requests (`POST /_sim/faults`) or drawn at configured
+rates. `GET /_sim/stats` counts
 what it received, with arrival times, so tests can check call counts across processes.
 
 It is not the real API and never claims to be: every response carries `x-smallfirst-simulator`.
@@ -28,7 +30,16 @@ from starlette.types import Receive, Scope, Send
 from smallfirst.common.constants import HEADER_FRONTIER_SIMULATOR, HEADER_SIM_FAULT
 from smallfirst.common.pricing import load_price_table
 from smallfirst.frontier_sim.answers import Answer, Oracle, Responder, Script
-from smallfirst.frontier_sim.faults import Fault, FaultInjector, FaultKind, FaultRequest, FaultSpecError
+from smallfirst.frontier_sim.batches import BatchStore, batch_body
+from smallfirst.frontier_sim.faults import (
+    BatchOutcomeInjector,
+    BatchOutcomesRequest,
+    Fault,
+    FaultInjector,
+    FaultKind,
+    FaultRequest,
+    FaultSpecError,
+)
 from smallfirst.frontier_sim.protocol import (
     CHARS_PER_TOKEN,
     ApiError,
@@ -72,6 +83,12 @@ class Simulator:
                                     settings.fault_slow_ms)
         self._sleep = sleep
         self._no_native = frozenset(settings.models_without_native_structured_output)
+        self.batches = BatchStore(
+            self._batch_answer,
+            BatchOutcomeInjector(settings.batch_errored_rate, settings.batch_expired_rate,
+                                 settings.batch_outcome_seed),
+            processing_s=settings.batch_processing_s, expiry_s=settings.batch_expiry_s,
+            cancel_s=settings.batch_cancel_s)
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -82,10 +99,15 @@ class Simulator:
         self.answers_by_source: Counter[str] = Counter()
         self.input_tokens_by_model: Counter[str] = Counter()
         self.output_tokens_by_model: Counter[str] = Counter()
+        # Requests answered inside Message Batches, apart from the realtime figures above.
+        self.batch_requests_by_model: Counter[str] = Counter()
+        self.batch_input_tokens_by_model: Counter[str] = Counter()
+        self.batch_output_tokens_by_model: Counter[str] = Counter()
         self.request_log: deque[dict[str, Any]] = deque(maxlen=self.settings.request_log_size)
 
     def reset(self) -> None:
         self.faults.clear()
+        self.batches.reset()
         self.responder = self._responder_factory()
         self._reset_stats()
 
@@ -101,6 +123,10 @@ class Simulator:
             "answer_misses": self.responder.misses,
             "input_tokens_by_model": dict(self.input_tokens_by_model),
             "output_tokens_by_model": dict(self.output_tokens_by_model),
+            "batches": {**self.batches.stats(),
+                        "requests_by_model": dict(self.batch_requests_by_model),
+                        "input_tokens_by_model": dict(self.batch_input_tokens_by_model),
+                        "output_tokens_by_model": dict(self.batch_output_tokens_by_model)},
         }
         if include_log:
             data["requests"] = list(self.request_log)
@@ -153,9 +179,7 @@ class Simulator:
                 await self._sleep(fault.delay_ms / 1000)
             else:
                 raise fault_error(fault)
-        answer = self.responder.answer(request)
-        self.answers_by_source[answer.source] += 1
-        body = build_message(request, answer)
+        body = self._answer(request)
         self.input_tokens_by_model[request.model] += body["usage"]["input_tokens"]
         self.output_tokens_by_model[request.model] += body["usage"]["output_tokens"]
         latency_s = (self.settings.latency_ms
@@ -163,6 +187,48 @@ class Simulator:
         if latency_s > 0:
             await self._sleep(latency_s)
         return JSONResponse(body, headers={HEADER_REQUEST_ID: request_id, HEADER_FRONTIER_SIMULATOR: "true"})
+
+    def _answer(self, request: SimRequest) -> dict[str, Any]:
+        """The Messages response to a request that passed its checks (realtime and batch alike)."""
+        answer = self.responder.answer(request)
+        self.answers_by_source[answer.source] += 1
+        return build_message(request, answer)
+
+    def _batch_answer(self, request: SimRequest) -> dict[str, Any]:
+        """One request of an ended batch: the checks and answer of /v1/messages, without its faults
+        and latency (a batch's own faults are its errored and expired results)."""
+        self.batch_requests_by_model[request.model] += 1
+        self._check_model(request)
+        body = self._answer(request)
+        self.batch_input_tokens_by_model[request.model] += body["usage"]["input_tokens"]
+        self.batch_output_tokens_by_model[request.model] += body["usage"]["output_tokens"]
+        return body
+
+    # ---- Message Batches ----------------------------------------------------------------------
+    async def create_batch(self, headers: Mapping[str, str], raw_body: bytes, base_url: str) -> Response:
+        self.check_key(headers)
+        fault = None
+        header = headers.get(HEADER_SIM_FAULT)
+        if header:
+            # Only a request's own header: the queued and random faults are the Messages endpoint's.
+            try:
+                fault = self.faults.next_fault(header)
+            except FaultSpecError as exc:
+                raise invalid(f"{HEADER_SIM_FAULT}: {exc}") from exc
+        if fault is not None and fault.kind is FaultKind.SLOW:
+            await self._sleep(fault.delay_ms / 1000)
+        elif fault is not None and fault.kind is not FaultKind.DROP:
+            raise fault_error(fault)
+        batch = self.batches.create(_json_body(raw_body))
+        if fault is not None and fault.kind is FaultKind.DROP:
+            # Created, but the client never hears of it: what a crash between create and record looks like.
+            return DroppedResponse()
+        return self.batch_response(batch_body(batch, time.time(), base_url))
+
+    @staticmethod
+    def batch_response(body: dict[str, Any]) -> JSONResponse:
+        return JSONResponse(body, headers={HEADER_REQUEST_ID: f"req_sim_{secrets.token_hex(12)}",
+                                           HEADER_FRONTIER_SIMULATOR: "true"})
 
     def _check_model(self, request: SimRequest) -> None:
         if request.model not in self.models:
@@ -304,6 +370,51 @@ def create_app(settings: FrontierSimSettings, simulator: Simulator | None = None
         if model_id not in sim.models:
             raise ApiError(404, "not_found_error", f"model: {model_id}")
         return sim.model_info(model_id)
+
+    @app.post("/v1/messages/batches")
+    async def create_batch(request: Request) -> Response:
+        return await sim.create_batch(request.headers, await request.body(), str(request.base_url))
+
+    @app.get("/v1/messages/batches")
+    async def list_batches(request: Request, limit: int | None = None, after_id: str | None = None,
+                           before_id: str | None = None) -> Response:
+        sim.check_key(request.headers)
+        listed = sim.batches.list_page(limit, after_id, before_id)
+        now, base = time.time(), str(request.base_url)
+        return sim.batch_response({"data": [batch_body(b, now, base) for b in listed["page"]],
+                                   "has_more": listed["has_more"], "first_id": listed["first_id"],
+                                   "last_id": listed["last_id"]})
+
+    @app.get("/v1/messages/batches/{batch_id}")
+    async def retrieve_batch(batch_id: str, request: Request) -> Response:
+        sim.check_key(request.headers)
+        return sim.batch_response(batch_body(sim.batches.get(batch_id), time.time(), str(request.base_url)))
+
+    @app.post("/v1/messages/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> Response:
+        sim.check_key(request.headers)
+        return sim.batch_response(batch_body(sim.batches.cancel(batch_id), time.time(), str(request.base_url)))
+
+    @app.delete("/v1/messages/batches/{batch_id}")
+    async def delete_batch(batch_id: str, request: Request) -> Response:
+        sim.check_key(request.headers)
+        return sim.batch_response({"id": sim.batches.delete(batch_id), "type": "message_batch_deleted"})
+
+    @app.get("/v1/messages/batches/{batch_id}/results")
+    async def batch_results(batch_id: str, request: Request) -> Response:
+        sim.check_key(request.headers)
+        lines = "".join(json.dumps(result) + "\n" for result in sim.batches.results(batch_id))
+        return Response(lines.encode(), media_type="application/binary",
+                        headers={HEADER_REQUEST_ID: f"req_sim_{secrets.token_hex(12)}",
+                                 HEADER_FRONTIER_SIMULATOR: "true"})
+
+    @app.post("/_sim/batch-outcomes")
+    async def force_batch_outcomes(request: Request) -> dict[str, Any]:
+        try:
+            spec = BatchOutcomesRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise invalid(f"batch outcome request: {exc}") from exc
+        return {"forced": sim.batches.outcomes.force(spec.outcomes)}
 
     @app.get("/_sim/health")
     async def health() -> dict[str, Any]:

@@ -37,6 +37,8 @@ BANNER = """
 @click.option("--fault-rates", default=None,
               help='JSON of fault kind -> probability, e.g. \'{"429": 0.05, "529": 0.01, "drop": 0.01}\'.')
 @click.option("--fault-seed", type=int, default=None, help="Seed of the random faults.")
+@click.option("--batch-processing-s", type=float, default=None,
+              help="Seconds a Message Batch stays in_progress before it ends (default 5).")
 def command(**options: Any) -> None:
     """Run the Messages-API simulator. Options override SMALLFIRST_FRONTIER_SIM_* variables."""
     import uvicorn

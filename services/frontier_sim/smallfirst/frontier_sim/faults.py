@@ -3,10 +3,15 @@
 Three sources, in this order: the request's own `x-sim-fault` header (one request), faults queued
 through `POST /_sim/faults` (the next N requests, whichever process sends them), and random faults
 at configured rates (soak tests, benchmarks).
+
+Requests in a Message Batch have outcomes of their own (`BatchOutcomeInjector`): `errored` or
+`expired`, set for a custom_id through `POST /_sim/batch-outcomes`, or drawn at configured rates
+from a hash of the seed and the custom_id, so the same custom_id gets the same outcome in every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from smallfirst.common.errors import ConfigurationError
 
 _ALIASES = {
     "bad_request": "400",
@@ -30,7 +37,7 @@ _ALIASES = {
 }
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(ConfigurationError, ValueError):
     """A fault description the simulator does not understand."""
 
 
@@ -148,3 +155,51 @@ class FaultInjector:
         if fault.kind is FaultKind.SLOW and not delay_ms:
             delay_ms = self.default_slow_ms
         return Fault(fault.kind, retry_after_s, delay_ms, fault.source)
+
+
+class BatchOutcome(StrEnum):
+    ANSWERED = "answered"  # answered like a Messages request (which may still fail on its params)
+    ERRORED = "errored"  # an api_error result, as a provider-side failure of that one request
+    EXPIRED = "expired"  # not processed before the batch expired
+
+
+class BatchOutcomesRequest(BaseModel):
+    """`POST /_sim/batch-outcomes`: custom_id -> errored or expired, for batches created afterwards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outcomes: dict[str, BatchOutcome]
+
+
+# Draws are read from this many leading bytes of the hash: a float in [0, 1) with 2**-64 resolution.
+_DRAW_BYTES = 8
+
+
+class BatchOutcomeInjector:
+    def __init__(self, errored_rate: float, expired_rate: float, seed: int | None) -> None:
+        self._errored_rate = errored_rate
+        self._expired_rate = expired_rate
+        self._seed = 0 if seed is None else seed
+        self._forced: dict[str, BatchOutcome] = {}
+
+    def force(self, outcomes: Mapping[str, BatchOutcome]) -> int:
+        self._forced.update(outcomes)
+        return len(self._forced)
+
+    def clear(self) -> None:
+        self._forced.clear()
+
+    def draw(self, custom_id: str) -> float:
+        digest = hashlib.sha256(f"{self._seed}:{custom_id}".encode()).digest()
+        return int.from_bytes(digest[:_DRAW_BYTES], "big") / 2 ** (8 * _DRAW_BYTES)
+
+    def outcome(self, custom_id: str) -> BatchOutcome:
+        forced = self._forced.get(custom_id)
+        if forced is not None:
+            return forced
+        draw = self.draw(custom_id)
+        if draw < self._errored_rate:
+            return BatchOutcome.ERRORED
+        if draw < self._errored_rate + self._expired_rate:
+            return BatchOutcome.EXPIRED
+        return BatchOutcome.ANSWERED

@@ -48,6 +48,19 @@ class FrontierSimSettings(BaseSettings):
     fault_retry_after_s: float = Field(default=1.0, ge=0)
     fault_slow_ms: int = Field(default=2000, ge=0)
 
+    # ---- Message Batches (kept in the process's memory) ----------------------------------------
+    # A batch is in_progress this long after its creation, then ended (the real API: minutes to hours).
+    batch_processing_s: float = Field(default=5.0, ge=0)
+    # A cancelled batch is canceling this long, then ended with its requests canceled.
+    batch_cancel_s: float = Field(default=0.5, ge=0)
+    # A batch still processing this long after creation ends with its requests expired (the API: 24 h).
+    batch_expiry_s: float = Field(default=86_400.0, gt=0)
+    # Shares of batch requests answered errored (api_error) or expired, drawn per custom_id from
+    # batch_outcome_seed, so a custom_id has the same outcome in every run.
+    batch_errored_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_expired_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_outcome_seed: int = 0
+
     # How many request records GET /_sim/stats keeps (oldest dropped first).
     request_log_size: int = Field(default=100_000, gt=0)
 
@@ -67,4 +80,6 @@ class FrontierSimSettings(BaseSettings):
                 raise ValueError(f"fault rate of {kind!r} must lie in [0, 1], got {rate}")
         if sum(self.fault_rates.values()) > 1.0:
             raise ValueError("fault rates add up to more than 1")
+        if self.batch_errored_rate + self.batch_expired_rate > 1.0:
+            raise ValueError("batch_errored_rate and batch_expired_rate add up to more than 1")
         return self

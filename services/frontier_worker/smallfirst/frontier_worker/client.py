@@ -13,11 +13,13 @@ import anthropic
 import redis
 
 from smallfirst.common.pricing import load_price_table
+from smallfirst.frontier_worker.batches import BatchConfig
+from smallfirst.frontier_worker.cancellation import ThreadClients
 from smallfirst.frontier_worker.executor import FrontierExecutor, RetryPolicy
 from smallfirst.frontier_worker.ratelimit import RedisRateLimiter
 
 if TYPE_CHECKING:
-    # Only for annotations: settings.py re-exports build_executor from here.
+    # Only for annotations, and settings.py imports nothing from here.
     from smallfirst.frontier_worker.settings import FrontierWorkerSettings
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,24 @@ def build_limiter(settings: FrontierWorkerSettings, client: redis.Redis) -> Redi
 
 
 def build_executor(settings: FrontierWorkerSettings, redis_client: redis.Redis) -> FrontierExecutor:
+    client = build_anthropic_client(settings)
     return FrontierExecutor(
-        build_anthropic_client(settings),
+        client,
         build_limiter(settings, redis_client),
         load_price_table(settings.prices_path),
         retry_policy(settings),
         tool_only_models=settings.frontier_tool_only_models,
+        thread_clients=ThreadClients(client),
+    )
+
+
+def batch_config(settings: FrontierWorkerSettings) -> BatchConfig:
+    return BatchConfig(
+        max_requests=settings.frontier_batch_max_requests,
+        max_age_s=settings.frontier_batch_max_age_s,
+        create_timeout_s=settings.frontier_batch_create_timeout_s,
+        lock_ttl_s=settings.frontier_batch_lock_ttl_s,
+        clock_skew_s=settings.frontier_batch_clock_skew_s,
+        poll_lock_ttl_s=settings.frontier_batch_poll_lock_ttl_s,
+        record_ttl_s=settings.frontier_batch_record_ttl_s,
     )

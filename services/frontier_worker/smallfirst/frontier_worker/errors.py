@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from smallfirst.common.jobs import ErrorInfo
+from smallfirst.common.errors import Disposition, SmallfirstError
 
 
 @dataclass(frozen=True)
@@ -22,54 +21,44 @@ class RetryRecord:
     wait_s: float
 
 
-class FrontierError(Exception):
-    """Base of the frontier executor's errors; `code` is the job's error code."""
+class FrontierError(SmallfirstError):
+    """Base of the frontier executor's errors; `code` is the job's error code.
 
-    code: ClassVar[str] = "frontier_error"
+    Its details (what the provider said, how often it was retried, how long the shared rate limit
+    held the call) go into the job's error, and no more: no provider message text, which can quote
+    the request, and no host names."""
+
+    code = "frontier_error"
 
     def __init__(self, message: str, *, status_code: int | None = None, request_id: str | None = None,
-                 retries: tuple[RetryRecord, ...] = (), limiter_wait_s: float = 0.0) -> None:
-        super().__init__(message)
-        self.message = message
+                 retries: tuple[RetryRecord, ...] = (), limiter_wait_s: float = 0.0,
+                 retry_after_s: float | None = None) -> None:
+        details: dict[str, object] = {"provider_retries": len(retries), "limiter_wait_s": round(limiter_wait_s, 3)}
+        if status_code is not None:
+            details["status_code"] = status_code
+        if request_id:
+            details["request_id"] = request_id
+        if retry_after_s is not None:
+            details["retry_after_s"] = round(retry_after_s, 3)
+        super().__init__(message, details=details, retry_after_s=retry_after_s)
         self.status_code = status_code
         self.request_id = request_id
         self.retries = retries
         self.limiter_wait_s = limiter_wait_s
 
-    def error_info(self) -> ErrorInfo:
-        details: dict[str, object] = {"provider_retries": len(self.retries),
-                                      "limiter_wait_s": round(self.limiter_wait_s, 3)}
-        if self.status_code is not None:
-            details["status_code"] = self.status_code
-        if self.request_id:
-            details["request_id"] = self.request_id
-        return ErrorInfo(code=self.code, message=self.message, details=details)
-
 
 class FrontierUnavailable(FrontierError):
-    """The provider (or the shared rate limit) did not serve the call within the job's retry budget."""
+    """The provider (or the shared rate limit) did not serve the call within the attempt's retry
+    budget. The provider may answer later: the job is retried with a backoff until its deadline."""
 
     code = "frontier_unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None, status_code: int | None = None,
-                 request_id: str | None = None, retries: tuple[RetryRecord, ...] = (),
-                 limiter_wait_s: float = 0.0) -> None:
-        super().__init__(message, status_code=status_code, request_id=request_id, retries=retries,
-                         limiter_wait_s=limiter_wait_s)
-        # When trying again makes sense at the earliest (a hint for re-queueing the job).
-        self.retry_after_s = retry_after_s
-
-    def error_info(self) -> ErrorInfo:
-        info = super().error_info()
-        if self.retry_after_s is not None:
-            info.details["retry_after_s"] = round(self.retry_after_s, 3)
-        return info
+    disposition = Disposition.RETRY
 
 
 class FrontierBadRequest(FrontierError):
     """The provider refused the request as malformed (400 and kin); retrying cannot help."""
 
-    code = "frontier_bad_request"
+    code = "frontier_rejected"
 
 
 class FrontierAuthError(FrontierError):
@@ -88,3 +77,18 @@ class PromptRenderError(FrontierError):
     """The job's input does not fill the task's prompt templates."""
 
     code = "invalid_input"
+
+
+class FrontierCancelled(FrontierError):
+    """The job was cancelled while its frontier call was in flight: the call was cut, not retried."""
+
+    code = "cancelled"
+
+
+class FrontierBatchFailed(FrontierError):
+    """A batched request came back without an answer (`errored` with a transient error, `expired`, or
+    `canceled` while its job still runs). The job is retried, in a later batch or in real time, until
+    its deadline."""
+
+    code = "frontier_batch_failed"
+    disposition = Disposition.RETRY

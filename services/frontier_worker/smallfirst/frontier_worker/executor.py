@@ -16,6 +16,7 @@ import contextlib
 import email.utils
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,9 +50,11 @@ from smallfirst.common.constants import (
 from smallfirst.common.jobs import Usage
 from smallfirst.common.metrics import OUTCOME_OK, FrontierMetrics, default_frontier_metrics, frontier_outcome
 from smallfirst.common.pricing import ModelPrice, PriceTable, UnknownModelPrice
+from smallfirst.frontier_worker.cancellation import ThreadClients
 from smallfirst.frontier_worker.errors import (
     FrontierAuthError,
     FrontierBadRequest,
+    FrontierCancelled,
     FrontierConfigurationError,
     FrontierError,
     FrontierUnavailable,
@@ -122,10 +125,6 @@ class FrontierAnswer:
     def provider_retries(self) -> int:
         return len(self.retries)
 
-    @property
-    def retry_wait_s(self) -> float:
-        return sum(r.wait_s for r in self.retries)
-
 
 @dataclass
 class _CallState:
@@ -142,8 +141,11 @@ class FrontierExecutor:
     def __init__(self, client: anthropic.Anthropic, limiter: RedisRateLimiter | None, prices: PriceTable,
                  retry: RetryPolicy | None = None, tool_only_models: Iterable[str] = (),
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 draw: Callable[[], float] = random.random, metrics: FrontierMetrics | None = None) -> None:
+                 draw: Callable[[], float] = random.random, metrics: FrontierMetrics | None = None,
+                 thread_clients: ThreadClients | None = None) -> None:
         self._client = client
+        # One client per worker thread on an abortable transport, so that a cancel can cut a call.
+        self.thread_clients = thread_clients
         self._limiter = limiter
         self._prices = prices
         self.retry = retry or RetryPolicy()
@@ -155,9 +157,10 @@ class FrontierExecutor:
         # The process's set on the default registry (what the pool's metrics server serves) unless given.
         self._metrics = default_frontier_metrics() if metrics is None else metrics
 
-    def run(self, task: Task, job_input: Mapping[str, str],
-            escalation: EscalationContext | None = None) -> FrontierAnswer:
-        """Answer one job with the task's frontier model. Raises a FrontierError subclass otherwise."""
+    def run(self, task: Task, job_input: Mapping[str, str], escalation: EscalationContext | None = None,
+            cancelled: threading.Event | None = None) -> FrontierAnswer:
+        """Answer one job with the task's frontier model. Raises a FrontierError subclass otherwise
+        (FrontierCancelled once `cancelled` is set: no call is started or retried after it)."""
         try:
             price = self._prices.price(task.frontier.model)
         except UnknownModelPrice as exc:
@@ -170,7 +173,8 @@ class FrontierExecutor:
         }
         with telemetry.tracer().start_as_current_span(SPAN_FRONTIER_CALL, attributes=attributes) as span:
             try:
-                answer = self._call(request, price, task.frontier.structured_output is StructuredOutputMode.AUTO)
+                answer = self._call(request, price, task.frontier.structured_output is StructuredOutputMode.AUTO,
+                                    cancelled)
             except FrontierError as exc:
                 _annotate_failure(span, exc)
                 raise
@@ -191,14 +195,17 @@ class FrontierExecutor:
         return AnswerShape.TOOL if task.frontier.model in self._tool_only_models else AnswerShape.NATIVE
 
     # ---- The call loop ------------------------------------------------------------------------
-    def _call(self, request: FrontierRequest, price: ModelPrice, auto_shape: bool) -> FrontierAnswer:
+    def _call(self, request: FrontierRequest, price: ModelPrice, auto_shape: bool,
+              cancelled: threading.Event | None = None) -> FrontierAnswer:
         state = _CallState(retries=[])
+        client = self.thread_clients.current()[0] if self.thread_clients is not None else self._client
         while True:
+            _stop_if_cancelled(cancelled, state)
             reservation = self._reserve(request, state)
             state.calls += 1
             started = self._clock()
             try:
-                raw = self._client.messages.with_raw_response.create(**request.create_kwargs())
+                raw = client.messages.with_raw_response.create(**request.create_kwargs())
                 message = raw.parse()
             except anthropic.APIStatusError as exc:
                 self._metrics.record_request(request.model, frontier_outcome(exc.status_code))
@@ -219,6 +226,7 @@ class FrontierExecutor:
                 self._metrics.record_request(
                     request.model, frontier_outcome(None, timed_out=isinstance(exc, anthropic.APITimeoutError)))
                 self._release(reservation)
+                _stop_if_cancelled(cancelled, state)
                 self._retry_or_give_up(state, None, exc, None, None)
             else:
                 self._metrics.record_request(request.model, OUTCOME_OK)
@@ -316,6 +324,12 @@ class FrontierExecutor:
             simulated=headers.get(HEADER_FRONTIER_SIMULATOR) == "true",
             parse_error=parse_error,
         )
+
+
+def _stop_if_cancelled(cancelled: threading.Event | None, state: _CallState) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise FrontierCancelled("the job was cancelled; its frontier call was cut and is not retried",
+                                retries=tuple(state.retries), limiter_wait_s=state.limiter_wait_s)
 
 
 def _annotate_failure(span: Span, exc: FrontierError) -> None:

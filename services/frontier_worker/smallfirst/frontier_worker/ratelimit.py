@@ -29,6 +29,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from smallfirst.common.constants import RATE_LIMIT_DIMENSIONS, rate_limit_key, rate_limit_total_key
+from smallfirst.common.errors import ConfigurationError, InfrastructureError
 
 # Requests, input tokens, output tokens: the order the Lua scripts' keys and arguments follow.
 DIMENSIONS: Final = RATE_LIMIT_DIMENSIONS
@@ -156,7 +157,7 @@ class RateLimit(BaseModel):
         return (self.requests_per_min or 0, self.input_tokens_per_min or 0, self.output_tokens_per_min or 0)
 
 
-class RateLimitTimeout(Exception):
+class RateLimitTimeout(InfrastructureError):
     """The shared limit would not admit the request within the limiter's maximum wait."""
 
     def __init__(self, model: str, waited_s: float, retry_after_s: float) -> None:
@@ -167,7 +168,7 @@ class RateLimitTimeout(Exception):
         self.retry_after_s = retry_after_s
 
 
-class RateLimitTooLarge(ValueError):
+class RateLimitTooLarge(ConfigurationError, ValueError):
     """One request needs more than a whole window's limit: it can never be admitted."""
 
     def __init__(self, model: str, dimension: str, amount: int, limit: int) -> None:

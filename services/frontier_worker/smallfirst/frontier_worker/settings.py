@@ -9,10 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr
 
 from smallfirst.common.constants import DEFAULT_FRONTIER_SIM_PORT, DEFAULT_METRICS_PORT_FRONTIER_WORKER
 from smallfirst.common.settings import CoreSettings
-from smallfirst.frontier_worker.client import build_executor
 from smallfirst.frontier_worker.ratelimit import RateLimit
-
-__all__ = ["FrontierEndpoint", "FrontierWorkerSettings", "build_executor"]
 
 SIMULATOR_API_KEY = "sk-smallfirst-simulator"
 
@@ -40,6 +37,9 @@ class FrontierWorkerSettings(CoreSettings):
 
     # ---- Retries (the SDK's own are off, so each retry is counted once) -----------------------
     # Provider calls per job attempt, the first included.
+    # How often the worker reads whether the jobs whose frontier call is in flight were cancelled
+    # (one pipelined read for all of them); a cancel cuts the call within about this long.
+    frontier_cancel_poll_s: float = Field(default=0.5, gt=0)
     frontier_max_attempts: int = Field(default=6, ge=1, le=50)
     # The most a job may spend sleeping between retries before it fails with frontier_unavailable.
     frontier_retry_max_wait_s: float = Field(default=120.0, ge=0)
@@ -58,6 +58,33 @@ class FrontierWorkerSettings(CoreSettings):
     # Models known to lack native structured outputs (auto mode uses a forced tool for them; it also
     # learns this from the API's refusal).
     frontier_tool_only_models: tuple[str, ...] = ()
+
+    # ---- Batch mode (Message Batches API; frontier_worker/batches.py) ---------------------------
+    # A batch is sent when this many requests are buffered, or the oldest has waited this long.
+    frontier_batch_max_requests: int = Field(default=10_000, ge=1, le=100_000)
+    frontier_batch_max_age_s: float = Field(default=60.0, ge=0)
+    frontier_batch_create_timeout_s: float = Field(default=120.0, gt=0)
+    # Must exceed the create timeout: while it is held no reconcile runs.
+    frontier_batch_lock_ttl_s: float = Field(default=180.0, gt=0)
+    frontier_batch_poll_lock_ttl_s: float = Field(default=120.0, gt=0)
+    frontier_batch_clock_skew_s: float = Field(default=300.0, ge=0)
+    # How long a batch's record and handled set are kept (the provider keeps results 29 days).
+    frontier_batch_record_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
+    # The lease of a batched attempt: longer than the provider's batch window (24 h), so that no
+    # sweeper takes over a job whose request waits in a batch.
+    frontier_batch_lease_s: float = Field(default=25 * 3600.0, gt=0)
+    # How often the pool's batch lane sends due batches, withdraws cancelled requests, reconciles
+    # after a crash and polls the batches in flight.
+    frontier_batch_poll_interval_s: float = Field(default=5.0, gt=0)
+    # Batched tries of a job that may fail (errored, expired) before its retries run in real time.
+    frontier_batch_max_tries: int = Field(default=2, ge=1)
+    # A batch-mode job with less time than this left before its deadline runs in real time.
+    frontier_batch_min_time_left_s: float = Field(default=600.0, ge=0)
+    # Fault injection for crash tests: the process SIGKILLs itself the `kill_after`-th time the
+    # batch lane reaches this point (after_intent, after_create, after_handle, after_mark). Never set
+    # it in production.
+    frontier_batch_kill_at: str | None = None
+    frontier_batch_kill_after: int = Field(default=1, ge=1)
 
     # Price table (USD per million tokens); None: the one embedded in smallfirst.common.
     prices_path: Path | None = None

@@ -32,6 +32,12 @@ from pydantic import ValidationError
 @click.option("--metrics-port", type=int, help="Prometheus port; 0 disables (default 9103).")
 @click.option("--drain-grace-s", type=float, help="Time in-flight calls get after SIGTERM.")
 @click.option("--max-concurrent-requests", type=int, help="Calls served at once before RESOURCE_EXHAUSTED.")
+@click.option("--max-message-bytes", type=int, help="gRPC message size limit (default 4 MiB).")
+@click.option("--max-input-chars", type=int, help="Longest text tokenized (default 16 per context token).")
+@click.option("--tls-cert-file", help="Serve TLS with this certificate chain (PEM); needs --tls-key-file.")
+@click.option("--tls-key-file", help="The TLS certificate's private key (PEM).")
+@click.option("--tls-client-ca-file", help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--reflection/--no-reflection", default=None, help="gRPC server reflection (default off).")
 def command(**options: Any) -> None:
     """Serve one model over gRPC (vLLM engine)."""
     from smallfirst.inference.settings import InferenceSettings

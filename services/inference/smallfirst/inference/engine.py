@@ -41,6 +41,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOu
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+from smallfirst.common.errors import SmallfirstError
 from smallfirst.inference.settings import InferenceSettings
 from smallfirst.inference.tokenization import PromptTokenizer
 
@@ -48,11 +49,14 @@ log = logging.getLogger(__name__)
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_LOGPROBS = 20
+# A token of the vocabularies served here rarely covers more than a few characters; a text of more
+# than this many characters per token of the context cannot fit, and is refused before tokenizing.
+CHARS_PER_CONTEXT_TOKEN = 16
 # Prompts longer than this are tokenized in a thread so a long one does not stall every other call.
 _INLINE_TOKENIZE_MAX_CHARS = 4096
 
 
-class InferenceError(Exception):
+class InferenceError(SmallfirstError):
     """Base of the errors a call can end with; each maps to one gRPC status code."""
 
 
@@ -162,6 +166,7 @@ class Completion:
 class EmbeddingBatch:
     vectors: np.ndarray  # (texts, dimensions) float32, each row of unit length
     prompt_tokens: int
+    token_counts: tuple[int, ...] = ()  # per text, in order; they sum to prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -201,13 +206,14 @@ class VllmEngine:
     """One model served by one AsyncLLM; every method is safe to call from many tasks at once."""
 
     def __init__(self, llm: AsyncLLM, model_name: str, kind: ModelKind, default_max_tokens: int,
-                 max_embed_batch: int) -> None:
+                 max_embed_batch: int, max_input_chars: int | None = None) -> None:
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()
         self.model_name = model_name
         self.kind = kind
         self.max_context_tokens = int(llm.model_config.max_model_len)
         self._prompts = PromptTokenizer(self._tokenizer, self.max_context_tokens)
+        self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * self.max_context_tokens
         self._default_max_tokens = default_max_tokens
         self._max_embed_batch = max_embed_batch
         self._embedding_dimensions = 0
@@ -222,7 +228,8 @@ class VllmEngine:
         # front end's CPU with many short requests in flight).
         vllm_envs.enable_envs_cache()
         kind = ModelKind.EMBED if llm.model_config.runner_type == "pooling" else ModelKind.GENERATE
-        return cls(llm, settings.model_name, kind, settings.default_max_tokens, settings.max_embed_batch)
+        return cls(llm, settings.model_name, kind, settings.default_max_tokens, settings.max_embed_batch,
+                   settings.max_input_chars)
 
     async def warm_up(self) -> None:
         """One tiny request, so the first real call is not slow and the embedding width is known."""
@@ -353,6 +360,7 @@ class VllmEngine:
         return await self._encode(request.prompt, add_special_tokens=True)
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self._check_chars(text, "the prompt")
         if len(text) <= _INLINE_TOKENIZE_MAX_CHARS:
             return self._prompts.encode(text, add_special_tokens)
         return await asyncio.to_thread(self._prompts.encode, text, add_special_tokens)
@@ -368,7 +376,7 @@ class VllmEngine:
             raise InvalidRequestError("stop strings must not be empty")
         max_tokens = request.max_tokens or self._default_max_tokens
         if isinstance(request.constraint, ChoicesConstraint) and request.constraint.choices:
-            # A choice cut off by max_tokens is no choice at all (REFERENCE.md). The grammar lets
+            # A choice cut off by max_tokens is no choice at all (an invalid answer). The grammar lets
             # the model spell a choice with any tokens, down to one byte each, so the room needed
             # is the longest choice's UTF-8 length plus the end of sequence, not its usual
             # tokenization. Once a choice is complete the grammar forces the end: the room is free.
@@ -405,6 +413,12 @@ class VllmEngine:
         for index, text in enumerate(texts):
             if not text.strip():
                 raise InvalidRequestError(f"text {index} is empty")
+        if truncate:
+            # What lies beyond the limit is cut by truncation anyway: never tokenize it.
+            texts = [text[: self.max_input_chars] for text in texts]
+        else:
+            for index, text in enumerate(texts):
+                self._check_chars(text, f"text {index}")
         token_ids = await self._encode_batch(texts, truncate)
         for index, ids in enumerate(token_ids):
             if len(ids) > self.max_context_tokens:
@@ -423,7 +437,8 @@ class VllmEngine:
         # Normalized here whatever the model's pooler does, so a dot product is the cosine.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors /= np.where(norms > 0, norms, 1.0)
-        return EmbeddingBatch(vectors=vectors, prompt_tokens=sum(len(ids) for ids in token_ids))
+        counts = tuple(len(ids) for ids in token_ids)
+        return EmbeddingBatch(vectors=vectors, prompt_tokens=sum(counts), token_counts=counts)
 
     async def _embed_one(self, token_ids: list[int], request_id: str) -> PoolingRequestOutput:
         final: PoolingRequestOutput | None = None
@@ -439,6 +454,13 @@ class VllmEngine:
         if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_MAX_CHARS:
             return self._prompts.encode_batch(texts, truncate)
         return await asyncio.to_thread(self._prompts.encode_batch, texts, truncate)
+
+    def _check_chars(self, text: str, what: str) -> None:
+        """Refuse a text too long to fit before tokenizing it: tokenizing megabytes costs the
+        front end's one thread whatever the context."""
+        if len(text) > self.max_input_chars:
+            raise ContextLengthError(f"{what} has {len(text)} characters; this server tokenizes at most "
+                                     f"{self.max_input_chars} (the model takes {self.max_context_tokens} tokens)")
 
     def _require(self, kind: ModelKind) -> None:
         if self.kind is not kind:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from smallfirst.common.errors import ConfigurationError
+
 # The served name the catalogs use for the bundled model.
 BUNDLED_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 
 
-class BundledModelMissing(RuntimeError):
+class BundledModelMissing(ConfigurationError, RuntimeError):
     """The package that ships the development embedding model is not installed."""
 
 

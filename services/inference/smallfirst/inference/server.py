@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -56,6 +57,17 @@ def grpc_server_options(settings: InferenceSettings) -> list[tuple[str, Any]]:
         # Two servers on one port would split the calls silently; fail to bind instead.
         ("grpc.so_reuseport", 0),
     ]
+
+
+def server_credentials(settings: InferenceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS with a client CA); None: plaintext."""
+    if not settings.tls_cert_file or not settings.tls_key_file:
+        return None
+    chain = Path(settings.tls_cert_file).read_bytes()
+    key = Path(settings.tls_key_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 class InferenceServer:
@@ -105,9 +117,14 @@ class InferenceServer:
         )
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, admission, metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME), server)
-        self.bound_port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME,
+                                                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                 reflection.SERVICE_NAME), server)
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        self.bound_port = (server.add_secure_port(address, credentials) if credentials is not None
+                           else server.add_insecure_port(address))
         await server.start()
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)

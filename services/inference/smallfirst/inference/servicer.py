@@ -111,7 +111,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             batch = await self._engine.embed(list(request.texts), request.truncate, request.request_id)
             self._count_tokens(batch.prompt_tokens, 0)
             return pb.EmbedResponse(
-                embeddings=[pb.Embedding(values=row) for row in batch.vectors.tolist()],
+                embeddings=[pb.Embedding(values=row, prompt_tokens=tokens)
+                            for row, tokens in zip(batch.vectors.tolist(), batch.token_counts, strict=True)],
                 usage=pb.Usage(prompt_tokens=batch.prompt_tokens),
                 model=self._engine.model_name,
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smallfirst.common import constants
@@ -58,7 +58,21 @@ class InferenceSettings(BaseSettings):
     # max_tokens of a Generate call that leaves it unset.
     default_max_tokens: int = Field(default=256, gt=0)
     max_embed_batch: int = Field(default=2048, gt=0)
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # gRPC message size limit, both ways. 4 MiB holds an embed batch of a few hundred long texts or
+    # a prompt far beyond any context here; a bigger one is refused by gRPC before it is read.
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    # A text longer than this (characters) is refused (or, for a truncating embed, cut) before it is
+    # tokenized: tokenizing costs the server's CPU whatever the context. None: 16 characters per
+    # token of the model's context, beyond what any text that fits could hold in practice.
+    max_input_chars: int | None = Field(default=None, gt=0)
+    # TLS: the server's certificate chain and key (PEM); both or neither. With a client CA file the
+    # server also requires client certificates signed by it (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # gRPC server reflection lets anyone who reaches the port list and describe its services: a
+    # development aid (grpcurl), off unless asked for (`smallfirst dev` turns it on).
+    reflection: bool = False
     # Connections are closed (GOAWAY) after this long, and their calls get the grace to finish:
     # clients then reconnect and resolve the service's DNS name again, which is how callers of a
     # headless Kubernetes service (dns:///, round_robin) find replicas added by a scale-up.
@@ -70,6 +84,14 @@ class InferenceSettings(BaseSettings):
     engine_check_interval_s: float = Field(default=1.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = True
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> InferenceSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
     @property
     def model_name(self) -> str:

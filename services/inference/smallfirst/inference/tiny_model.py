@@ -3,7 +3,8 @@
 The folder holds only a config, a tokenizer trained here with the `tokenizers` package, and a chat
 template: vLLM fills the weights with random values, so nothing is downloaded. The answers are
 gibberish, but constrained decoding (choices, regex, JSON schema) still shapes them, which is what
-the small tier's plumbing needs. The CPU attention kernels need head_dim 64 (see REFERENCE.md).
+the small tier's plumbing needs. vLLM's CPU attention kernels support only some head sizes, and
+64 is one of them.
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from smallfirst.common import constants
+from smallfirst.common.errors import Disposition, SmallfirstError
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -43,14 +45,15 @@ _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "leng
 
 
 # ---- errors ---------------------------------------------------------------------------------------
-class InferenceError(Exception):
+class InferenceError(SmallfirstError):
     """A call to the inference service failed; the subclass says how.
 
-    `code` is a stable machine-readable string (it goes into a job's error and escalation
-    reasons); `status` is the gRPC status code, when there was one.
+    By default the small tier could not answer this input, and the frontier can (ESCALATE);
+    `status` is the gRPC status code, when there was one.
     """
 
     code = "inference_error"
+    disposition = Disposition.ESCALATE
 
     def __init__(self, message: str, status: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -58,9 +61,14 @@ class InferenceError(Exception):
 
 
 class InferenceUnavailable(InferenceError):
-    """No replica could serve the call, after every retry (dead, draining, overloaded, unreachable)."""
+    """No replica could serve the call, after every retry (dead, draining, overloaded, unreachable).
+
+    The service may be back soon: the task's `small_unavailable` policy says whether the job waits
+    for it or goes to the frontier at once."""
 
     code = "inference_unavailable"
+    disposition = Disposition.RETRY
+    also_escalatable = True
 
 
 class InferenceInvalidRequest(InferenceError):
@@ -94,9 +102,11 @@ class InferenceFailed(InferenceError):
 
 
 class UnknownModel(InferenceInvalidRequest):
-    """No target is configured for this model name, or its target serves another model."""
+    """No target is configured for this model name, or its target serves another model: the
+    deployment and the catalog disagree. Final, so that it is seen instead of paid for."""
 
     code = "inference_unknown_model"
+    disposition = Disposition.FINAL
 
 
 def error_from_rpc(error: grpc.RpcError, attempts: int = 1) -> InferenceError:
@@ -149,6 +159,8 @@ class Embeddings:
     vectors: np.ndarray  # (texts, dimensions) float32, rows of unit length
     prompt_tokens: int
     model: str
+    # Tokens of each text, in order (empty from a server that does not report them).
+    token_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,7 +230,32 @@ def parse_targets(spec: str) -> dict[str, str]:
     return targets
 
 
-def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
+# The inference server's default limit (InferenceSettings.max_message_bytes); both sides configurable.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChannelTls:
+    """TLS to the inference service: the CA that signed its certificate (None: the system's), and
+    this client's certificate and key for a server that requires mutual TLS. PEM bytes."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, ca_file: str | None, cert_file: str | None = None, key_file: str | None = None) -> ChannelTls:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return cls(read(ca_file), read(cert_file), read(key_file))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates,
+                                            private_key=self.private_key, certificate_chain=self.certificate_chain)
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     service_config = {
         "loadBalancingConfig": [{"round_robin": {}}],
         # The server reports NOT_SERVING while it drains: round_robin then skips it.
@@ -250,6 +287,7 @@ class InferenceClient:
         default_timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        tls: ChannelTls | None = None,
     ) -> None:
         if not targets:
             raise ValueError("an inference client needs at least one model target")
@@ -257,6 +295,7 @@ class InferenceClient:
         self.default_timeout_s = default_timeout_s
         self.retry = retry or RetryPolicy()
         self._options = list(options) if options is not None else channel_options()
+        self._tls = tls
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channels: dict[str, grpc.Channel] = {}
@@ -337,8 +376,10 @@ class InferenceClient:
         response = self._call(model, lambda stub, t: stub.Embed(request, timeout=t), timeout_s)
         if len(response.embeddings) != len(texts):
             raise InferenceFailed(f"asked for {len(texts)} embeddings, got {len(response.embeddings)}")
-        vectors = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
-        return Embeddings(vectors=vectors, prompt_tokens=response.usage.prompt_tokens, model=response.model or model)
+        vectors = np.array([e.values for e in response.embeddings], dtype=np.float32)
+        counts = tuple(int(e.prompt_tokens) for e in response.embeddings)
+        return Embeddings(vectors=vectors, prompt_tokens=response.usage.prompt_tokens, model=response.model or model,
+                          token_counts=counts if sum(counts) == response.usage.prompt_tokens else ())
 
     def model_info(self, model: str, timeout_s: float | None = None) -> ModelInfo:
         """What `model`'s servers serve; asked once per process and remembered."""
@@ -386,7 +427,8 @@ class InferenceClient:
                 target = self.targets.get(model)
                 if target is None:
                     raise UnknownModel(f"no inference target for model {model!r}; known: {sorted(self.targets)}")
-                channel = grpc.insecure_channel(target, options=self._options)
+                channel = (grpc.secure_channel(target, self._tls.credentials(), options=self._options)
+                           if self._tls is not None else grpc.insecure_channel(target, options=self._options))
                 self._channels[model] = channel
                 stub = self._stubs[model] = pb_grpc.InferenceServiceStub(channel)
             return stub

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import redis
@@ -48,12 +49,34 @@ class LabelIndex:
     def dimensions(self) -> int:
         return int(self.vectors.shape[1])
 
-    def label_scores(self, query: np.ndarray) -> np.ndarray:
-        """Per label, the best cosine similarity between `query` and any of its texts."""
-        similarities = self.vectors @ query
-        scores = np.full(len(self.names), -1.0, dtype=np.float32)
-        np.maximum.at(scores, self.owners, similarities)
-        return scores
+    @cached_property
+    def _runs(self) -> np.ndarray | None:
+        """Where each label's rows start, when every label's rows are one run in label order (as
+        `LabelIndexCache` builds them): then a label's best score is one `maximum.reduceat`."""
+        owners = self.owners
+        if owners.size == 0 or np.any(np.diff(owners) < 0):
+            return None
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        if not np.array_equal(owners[starts], np.arange(len(self.names))):
+            return None
+        return starts
+
+    def label_scores(self, queries: np.ndarray) -> np.ndarray:
+        """Per label, the best cosine similarity between a query and any of the label's texts.
+
+        `queries`: one vector (dimensions,) -> (labels,), or a matrix (queries, dimensions) ->
+        (queries, labels), scored with one matrix product.
+        """
+        matrix = np.atleast_2d(queries).astype(np.float32, copy=False)
+        similarities = matrix @ self.vectors.T  # (queries, texts)
+        runs = self._runs
+        if runs is not None:
+            scores = np.maximum.reduceat(similarities, runs, axis=1)
+        else:
+            scores = np.full((matrix.shape[0], len(self.names)), -1.0, dtype=np.float32)
+            for row in range(matrix.shape[0]):
+                np.maximum.at(scores[row], self.owners, similarities[row])
+        return scores[0] if queries.ndim == 1 else scores
 
 
 class LabelIndexCache:

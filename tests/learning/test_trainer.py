@@ -1,0 +1,185 @@
+"""The trainer against a real Redis: calibration, publication, and the guard against a worse head.
+
+The inputs are synthetic vectors (three clusters) stored where the small tier would have put them,
+so that these tests run without an inference server; tests/e2e/test_learning.py runs the real one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from smallfirst.common import constants as k
+from smallfirst.common.catalog import Label, LearningPolicy, Task
+from smallfirst.common.examples import ExampleMemory, ExampleSource
+from smallfirst.common.jobs import Job, RouteDecision, RouteReason, Tier
+from smallfirst.small_worker.heads import HeadCache, TrainedHead, load_head, publish_head
+from smallfirst.small_worker.label_index import label_texts, text_digest
+from smallfirst.small_worker.trainer import (
+    Trainer,
+    choose_threshold,
+    choose_threshold_on_stream,
+    clopper_pearson_lower,
+)
+
+MODEL = "synthetic-embed"
+DIMS = 16
+CLASSES = ("alpha", "beta", "gamma")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def synthetic_task(**policy: object) -> Task:
+    labels = tuple(Label(name=name, examples=tuple(f"{name} seed {i}" for i in range(5))) for name in CLASSES)
+    return Task.model_validate({
+        "name": "synthetic", "kind": "classify", "labels": [label.model_dump() for label in labels],
+        "learning": LearningPolicy(enabled=True, min_examples=30, retrain_every=10, **policy).model_dump(),
+        "small": {"model": MODEL}, "frontier": {"model": "claude-haiku-5-5"}})
+
+
+class Clusters:
+    """Three well-separated clusters of unit vectors, one per class."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.centers = np.linalg.qr(self.rng.normal(size=(DIMS, DIMS)))[0][:len(CLASSES)]
+
+    def sample(self, label: str) -> np.ndarray:
+        v = self.centers[CLASSES.index(label)] + 0.25 * self.rng.normal(size=DIMS) / np.sqrt(DIMS)
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def store_seed_vectors(client: redis.Redis, task: Task, clusters: Clusters) -> None:
+    for label in task.labels:
+        for text in label_texts(label):
+            client.set(k.embedding_cache_key(MODEL, text_digest(text)), clusters.sample(label.name).tobytes())
+
+
+def record(memory: ExampleMemory, task: Task, clusters: Clusters, job_id: str, true_label: str,
+           answered: str | None = None) -> None:
+    job = Job(id=job_id, tenant="t1", task=task.name, input={"text": f"message {job_id}"},
+              route=RouteDecision(tier=Tier.FRONTIER, reason=RouteReason.TASK_DEFAULT), created_at=0.0,
+              updated_at=0.0, queued_at=0.0)
+    memory.record(task, job, answered or true_label, ExampleSource.FRONTIER, model="claude-haiku-5-5",
+                  vector=clusters.sample(true_label).tobytes())
+
+
+@pytest.mark.parametrize(("correct", "wrong_below", "target", "expected"), [
+    # 300 right answers above 0.6, 100 wrong ones below: every right one kept, plus the few wrong
+    # ones the bound can afford
+    (300, 100, 0.97, 0.6),
+    # 50 right answers cannot prove 0.97 at 95% confidence (the bound is 0.942): nothing is kept
+    (50, 0, 0.97, None),
+])
+def test_the_threshold_keeps_answers_whose_accuracy_bound_reaches_the_target(
+        correct: int, wrong_below: int, target: float, expected: float | None) -> None:
+    # given: held-out confidences of right answers in [0.6, 1) and of wrong ones in [0.1, 0.6)
+    confidence = np.concatenate([np.linspace(0.6, 0.99, correct), np.linspace(0.1, 0.59, wrong_below)])
+    hits = np.concatenate([np.ones(correct, dtype=bool), np.zeros(wrong_below, dtype=bool)])
+    # when
+    choice = choose_threshold(confidence, hits, target)
+    # then
+    if expected is None:
+        assert choice.kept == 0
+        assert choice.threshold > 1.0
+    else:
+        assert choice.threshold <= expected
+        assert choice.kept_correct == correct
+        assert choice.lower_bound >= target
+        # the lowest such threshold: one more wrong answer kept would break the bound
+        assert clopper_pearson_lower(correct, choice.kept + 1) < target
+        assert choice.lower_bound == pytest.approx(clopper_pearson_lower(choice.kept_correct, choice.kept))
+
+
+def test_the_threshold_on_the_stream_weights_the_calibration_curve_by_the_streams_confidences() -> None:
+    # given: labelled examples right 99% of the time above 0.9 and 50% below, and a stream of
+    # which 80% gets a confidence above 0.9 and 20% one of 0.55
+    rng = np.random.default_rng(3)
+    confidence = np.concatenate([np.full(1000, 0.95), np.full(1000, 0.55)])
+    correct = np.concatenate([rng.random(1000) < 0.99, rng.random(1000) < 0.5])
+    stream = np.concatenate([np.full(800, 0.95), np.full(200, 0.55)])
+    # when
+    choice = choose_threshold_on_stream(confidence, correct, stream, target=0.97)
+    # then: only the confident part is kept (keeping all would average to about 0.89)
+    assert choice.threshold == pytest.approx(0.95)
+    assert 0.97 <= choice.lower_bound < 0.99
+    # and a target above what even the confident part reaches keeps nothing
+    assert choose_threshold_on_stream(confidence, correct, stream, target=0.999).kept == 0
+
+
+def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_url: str) -> None:
+    # given: a task with seeds and 40 frontier-labelled examples, and a worker's head cache that
+    # has already looked (no head yet)
+    client = redis.Redis.from_url(redis_url)
+    task, clusters = synthetic_task(), Clusters()
+    store_seed_vectors(client, task, clusters)
+    memory = ExampleMemory(client)
+    for i in range(40):
+        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    cache = HeadCache(client, poll_interval_s=0.0)
+    assert cache.get(task.name, MODEL) is None
+    trainer = Trainer(client, embedder=None)
+    # when
+    assert trainer.due(task)
+    report = trainer.train(task)
+    # then: published, and the same cache object now serves it, with its metrics
+    assert report.published, report.reason
+    head = cache.get(task.name, MODEL)
+    assert head is not None
+    assert head.version == report.version
+    assert head.classes == CLASSES
+    probabilities = head.probabilities(np.stack([clusters.sample("beta")]))
+    assert CLASSES[int(probabilities.argmax())] == "beta"
+    assert head.meta["metrics"]["learned_examples"] == 40
+    assert not trainer.due(task)
+
+
+def test_a_head_worse_than_the_live_one_on_new_examples_never_goes_live(redis_url: str) -> None:
+    # given: a live head that knows the clusters, trained on everything up to t=2000
+    client = redis.Redis.from_url(redis_url)
+    clock = Clock(1000.0)
+    task, clusters = synthetic_task(), Clusters()
+    store_seed_vectors(client, task, clusters)
+    live = TrainedHead(version=1, classes=CLASSES, weights=(30 * clusters.centers).astype(np.float32),
+                       bias=np.zeros(3, dtype=np.float32), support=clusters.centers.astype(np.float32),
+                       threshold=0.5, novelty_floor=1.0, meta={"trained_until": 2000.0})
+    publish_head(client, task.name, MODEL, live)
+    # and training data dominated by wrong answers from before then (every label rotated), with
+    # a few right answers on new messages that came after it
+    memory = ExampleMemory(client, clock=clock)
+    for i in range(300):
+        clock.now += 1
+        record(memory, task, clusters, f"bad_{i}", CLASSES[i % 3], answered=CLASSES[(i + 1) % 3])
+    clock.now = 2001.0
+    for i in range(30):
+        clock.now += 1
+        record(memory, task, clusters, f"new_{i}", CLASSES[i % 3])
+    # when
+    report = Trainer(client, embedder=None, clock=clock).train(task)
+    # then: the new head was trained and measured on the new messages, and the live head stays
+    assert not report.published
+    assert report.metrics["fresh_examples"] == 30
+    assert report.metrics["fresh_accuracy"] < report.metrics["live_fresh_accuracy"] == 1.0
+    still = load_head(client, task.name, MODEL)
+    assert still is not None
+    assert still.version == 1
+    assert int(client.get(k.head_version_key(task.name, MODEL)) or 0) == 1
+
+
+def test_only_one_trainer_trains_a_task_at_a_time(redis_url: str) -> None:
+    # given: another trainer holds the task's lock
+    client = redis.Redis.from_url(redis_url)
+    task = synthetic_task()
+    client.set(k.train_lock_key(task.name, MODEL), "someone-else", ex=60)
+    # when
+    report = Trainer(client, embedder=None).train(task)
+    # then
+    assert not report.published
+    assert "lock" in report.reason
