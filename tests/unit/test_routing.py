@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from smallfirst.common.catalog import Task
-from smallfirst.common.jobs import FrontierMode, Priority, RouteReason, Tier, TierHint
+from smallfirst.common.jobs import FrontierMode, Priority, RouteDecision, RouteReason, Tier, TierHint
 from smallfirst.common.routing import (
     CHARS_PER_TOKEN,
     RouteRequest,
@@ -15,6 +15,7 @@ from smallfirst.common.routing import (
     decide_frontier_mode,
     decide_route,
     is_local_only,
+    shadow_frontier_mode,
 )
 
 
@@ -140,3 +141,19 @@ def test_the_frontier_mode_is_the_most_specific_level_that_sets_one(
     assert decide_frontier_mode(request) == (mode, source)
     assert (decision.frontier_mode, decision.frontier_mode_source) == (mode, source)
     assert decision.tier is Tier.FRONTIER
+
+
+@pytest.mark.parametrize(("mode", "source", "shadow_mode"), [
+    (FrontierMode.REALTIME, "default", FrontierMode.REALTIME),
+    (FrontierMode.REALTIME, "job", FrontierMode.REALTIME),
+    (FrontierMode.BATCH, "tenant", FrontierMode.BATCH),
+    (FrontierMode.REALTIME, "task:auto:normal_priority", FrontierMode.BATCH),
+    (FrontierMode.REALTIME, "tenant:auto:high_priority", FrontierMode.BATCH),
+    (FrontierMode.BATCH, "job:auto:low_priority", FrontierMode.BATCH),
+])
+def test_a_shadow_sample_is_batched_when_the_level_that_decided_said_auto_or_batch(
+        mode: FrontierMode, source: str, shadow_mode: FrontierMode) -> None:
+    # given: a job's stored route; when / then
+    route = RouteDecision(tier=Tier.SMALL, reason=RouteReason.TASK_DEFAULT, frontier_mode=mode,
+                          frontier_mode_source=source)
+    assert shadow_frontier_mode(route) is shadow_mode

@@ -191,8 +191,13 @@ BATCH_CANCEL_REQUESTS_KEY: Final = f"{KEY_PREFIX}batch:cancel-requests"
 BATCH_SUBMIT_LOCK_KEY: Final = f"{KEY_PREFIX}batch:submit:lock"
 
 
+# Attempt numbers start at 1: a batched request "number" 0 is the job's shadow sample.
+BATCH_SHADOW_ATTEMPT = 0
+
+
 def batch_custom_id(job_id: str, attempt: int) -> str:
-    """The Message Batches `custom_id` of one job attempt (the API allows letters, digits, `_`, `-`)."""
+    """The Message Batches `custom_id` of one job attempt (the API allows letters, digits, `_`, `-`);
+    attempt `BATCH_SHADOW_ATTEMPT` names the job's shadow sample."""
     return f"{job_id}-{attempt}"
 
 

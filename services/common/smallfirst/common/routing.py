@@ -52,6 +52,16 @@ def decide_frontier_mode(request: RouteRequest) -> tuple[FrontierMode, str]:
     return FrontierMode.REALTIME, "default"
 
 
+def shadow_frontier_mode(route: RouteDecision) -> FrontierMode:
+    """How a shadow sample of a job with `route` goes out: as the job's own frontier work when a
+    level chose batch or realtime outright, and in a batch when the level that decided said `auto`
+    (a shadow sample is never urgent). The route keeps which level decided, so the rule needs no
+    second look at the tenant's or the task's settings."""
+    if route.frontier_mode is FrontierMode.BATCH or ":auto:" in route.frontier_mode_source:
+        return FrontierMode.BATCH
+    return FrontierMode.REALTIME
+
+
 def is_local_only(request: RouteRequest) -> bool:
     return request.job_local_only or request.tenant_local_only or request.task.routing.local_only
 

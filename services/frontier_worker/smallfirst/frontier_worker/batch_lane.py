@@ -105,13 +105,20 @@ def batch_params(request: FrontierRequest) -> dict[str, Any]:
     return params
 
 
+# Takes a batched shadow sample's answer: (task, job, answer, cost at the batch price, effects
+# for the same transaction). `ShadowRunner.record`.
+ShadowRecorder = Callable[[Task, Job, Any, float, Callable[[Any], None]], None]
+
+
 class BatchLane:
     """The frontier pool's batch mode; one per worker process, safe to share between its threads."""
 
     def __init__(self, execution: JobExecution, buffer: BatchBuffer, prices: PriceTable, policy: BatchPolicy, *,
                  make_poller: Callable[[ResultHandler], BatchPoller],
-                 metrics: FrontierMetrics | None = None, clock: Callable[[], float] = time.time) -> None:
+                 metrics: FrontierMetrics | None = None, clock: Callable[[], float] = time.time,
+                 shadow_recorder: ShadowRecorder | None = None) -> None:
         self.execution = execution
+        self.shadow_recorder = shadow_recorder
         self.buffer = buffer
         self.prices = prices
         self.policy = policy
@@ -157,6 +164,9 @@ class BatchLane:
             log.warning("batch result %s: job %s is gone; dropped", result.custom_id, job_id)
             return
         task = self.execution.catalog.get(job.task)
+        if task is not None and number == k.BATCH_SHADOW_ATTEMPT:
+            self._handle_shadow(task, job, result)
+            return
         if task is None or not 1 <= number <= len(job.attempts):
             log.warning("batch result %s: no such attempt (or task) on the job; dropped", result.custom_id)
             return
@@ -172,6 +182,21 @@ class BatchLane:
 
         outcome: Outcome = self.execution.finish(ctx, attempt_result, effects=effects, lease_s=self.policy.lease_s)
         log.info("job %s: batch result %s (%s) -> %s", job_id, result.custom_id, result.type.value, outcome.kind.value)
+
+    def _handle_shadow(self, task: Task, job: Job, result: BatchResult) -> None:
+        """A shadow sample's result: recorded (with its "handled" mark) when answered; an errored or
+        expired one is dropped, since a sample is a random draw and losing one biases nothing."""
+        attempt_result = self.attempt_result(task, job, result)
+        if attempt_result.error is not None or self.shadow_recorder is None:
+            log.info("job %s: batched shadow sample not answered (%s); dropped", job.id,
+                     attempt_result.error.code if attempt_result.error is not None else "no recorder")
+            return
+
+        def effects(pipe: Any) -> None:
+            mark_handled(pipe, result.batch_id, result.custom_id, self.buffer.config.record_ttl_s)
+
+        self.shadow_recorder(task, job, attempt_result.answer, attempt_result.cost_usd, effects)
+        log.info("job %s: batched shadow sample recorded", job.id)
 
     def attempt_result(self, task: Task, job: Job, result: BatchResult) -> AttemptResult:
         if result.type is ResultType.SUCCEEDED and result.message is not None:

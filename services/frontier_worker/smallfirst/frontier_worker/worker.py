@@ -116,10 +116,14 @@ def build_runtime(settings: FrontierWorkerSettings, app: Celery) -> FrontierRunt
     client = pool_redis(settings)
     execution = build_execution(settings, app, client)
     executor = build_executor(settings, client)
-    return FrontierRuntime(execution=execution, executor=executor,
-                           shadow=ShadowRunner(execution.store, execution.catalog, executor, client),
+    batches = build_batch_lane(settings, execution)
+    # Shadow samples whose jobs say `auto` go into the same batch buffer; their results come back
+    # through the lane, which hands them to the runner.
+    shadow = ShadowRunner(execution.store, execution.catalog, executor, client, batches=batches.buffer)
+    batches.shadow_recorder = shadow.record
+    return FrontierRuntime(execution=execution, executor=executor, shadow=shadow,
                            cancels=CancelWatcher(client, poll_interval_s=settings.frontier_cancel_poll_s),
-                           batches=build_batch_lane(settings, execution))
+                           batches=batches)
 
 
 def build_batch_lane(settings: FrontierWorkerSettings, execution: JobExecution) -> BatchLane:
