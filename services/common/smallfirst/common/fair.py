@@ -225,6 +225,16 @@ class FairQueues:
         if (holder := self.redis.get(k.fair_lock_key(queue))) is not None and holder.decode() == owner:
             self.redis.delete(k.fair_lock_key(queue))
 
+    def nudge(self, queues: Sequence[str]) -> None:
+        """Wake the dispatchers of `queues`: a worker took a message, so there is room to refill
+        (without it a dispatcher behind a full queue looks again every `fair_poll_s`)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.lpush(k.fair_wake_key(queue), "1")
+                pipe.ltrim(k.fair_wake_key(queue), 0, 0)
+                pipe.expire(k.fair_wake_key(queue), k.FAIR_WAKE_TTL_S)
+            pipe.execute()
+
     def wait_for_work(self, queue: str, timeout_s: float) -> bool:
         """Block until something is enqueued for `queue` (True) or `timeout_s` passes (False)."""
         return self.redis.blpop([k.fair_wake_key(queue)], timeout=timeout_s) is not None

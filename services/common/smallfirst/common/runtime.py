@@ -258,9 +258,11 @@ class DispatcherThread(threading.Thread):
     """Runs a queue's dispatcher in one worker process of the whole deployment at a time (a Redis
     lock with a TTL, renewed every round; a successor continues from the state in Redis).
 
-    It blocks on the queue's wake-up list (an enqueue pushes to it), so an unloaded job waits a
-    round trip, not a poll interval; while a backlog waits behind a full tier queue it looks again
-    every `poll_s`. A process that is not elected looks at the lock every third of its TTL.
+    It blocks on the queue's wake-up list (an enqueue pushes to it, and so does a worker of the pool
+    as it starts a task, `worker_app`), so an unloaded job waits a round trip, not a poll interval,
+    and a full queue is refilled as soon as a worker takes a message; while a backlog waits behind a
+    full tier queue it also looks again every `poll_s`. A process that is not elected looks at the
+    lock every third of its TTL.
     """
 
     def __init__(self, dispatcher: Dispatcher, *, owner: str, poll_s: float, lock_ttl_s: float,

@@ -182,6 +182,16 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
                                           lock_ttl_s=settings.fair_lock_ttl_s)
                 feeder.start()
                 sweeper_threads.append(feeder)
+        fed = tuple(queue for queue in k.POOL_QUEUES.get(pool, ()) if queue in k.FAIR_QUEUES)
+        if fed:
+            def nudge_dispatchers(**_: object) -> None:
+                # A message left a queue this pool consumes: its dispatcher may refill at once.
+                try:
+                    fair.nudge(fed)
+                except (redis.RedisError, OSError) as exc:
+                    log.debug("dispatcher wake-up not sent: %s", exc)
+
+            signals.task_prerun.connect(nudge_dispatchers, weak=False)
 
     @signals.worker_shutdown.connect(weak=False)
     def stop_sweeper(**_: object) -> None:
