@@ -19,6 +19,8 @@ from smallfirst.common.jobs import Job
 from smallfirst.common.tenants import TenantRegistry
 from tests.support.procs import require_binary
 
+pytestmark = pytest.mark.e2e
+
 CONCURRENCY = 4
 DEPTH = 4
 A_JOBS = 300
