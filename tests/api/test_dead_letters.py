@@ -21,13 +21,18 @@ import redis
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import Catalog
 from smallfirst.common.errors import InfrastructureError, SmallfirstError
-from smallfirst.common.runtime import queue_depth
+from smallfirst.common.runtime import queue_depth as celery_queue_depth
 from smallfirst.common.store import JobStore
 from smallfirst.common.tenants import IssuedTenant
 from tests.api import worker_sim
 from tests.api_fixtures import TenantFactory
 
 EMAIL = {"task": "email_summary", "input": {"text": "Please call me back about the invoice."}}
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting on `queue`, plus the jobs waiting for it in the tenants' fair lists."""
+    return celery_queue_depth(client, queue) + int(client.llen(k.fair_backlog_key(queue)))
 
 
 def dead_lettered(api_client: httpx.Client, job_store: JobStore, catalog: Catalog,

@@ -17,7 +17,8 @@ BANKING = {"task": "banking77_intent", "input": {"text": "My card has not arrive
 
 
 def queued_job_ids(redis_url: str, queue: str) -> list[str]:
-    """Job ids in the Celery messages waiting on `queue` (all priority steps)."""
+    """Job ids in the Celery messages waiting on `queue` (all priority steps), then those waiting for
+    it in the tenants' fair lists (fair scheduling: the dispatcher feeds the queue from them)."""
     client = redis.Redis.from_url(redis_url)
     ids = []
     for key in k.priority_list_keys(queue):
@@ -25,8 +26,16 @@ def queued_job_ids(redis_url: str, queue: str) -> list[str]:
             message = json.loads(raw)
             args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
             ids.extend(args)
+    ids += fair_job_ids(client, queue)
     client.close()
     return ids
+
+
+def fair_job_ids(client: redis.Redis, queue: str, step: int | None = None) -> list[str]:
+    """Job ids waiting in `queue`'s fair lists (at `step`, or any), tenant by tenant."""
+    pattern = k.fair_tenant_list_key(queue, step, "*") if step is not None else f"{k.fair_base_key(queue)}*:t:*"
+    return [raw.decode().split(" ")[0] for key in sorted(client.scan_iter(match=pattern))
+            for raw in client.lrange(key, 0, -1)]
 
 
 def test_submitted_job_is_accepted_stored_and_queued_on_its_tier(api_client: httpx.Client, redis_url: str) -> None:

@@ -19,8 +19,9 @@ _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def expected_lists(pool: str) -> list[str]:
-    """The Redis keys of every queue the pool consumes, every priority step, in the code's order."""
-    return [key for queue in constants.POOL_QUEUES[pool] for key in constants.priority_list_keys(queue)]
+    """The Redis keys of every queue the pool consumes, every priority step and the fair backlog of a
+    fair queue, in the code's order."""
+    return [key for queue in constants.POOL_QUEUES[pool] for key in constants.queue_backlog_keys(queue)]
 
 
 def _formula_terms(formula: str) -> list[str]:
@@ -34,7 +35,9 @@ def test_expected_lists_include_the_priority_lists() -> None:
     # then: the separator is the raw control characters kombu uses, not their escaped spelling
     assert keys[0] == constants.QUEUE_SMALL
     assert keys[1] == f"{constants.QUEUE_SMALL}\x06\x16{constants.PRIORITY_STEPS[1]}"
-    assert len(keys) == len(constants.PRIORITY_STEPS)
+    assert len(keys) == len(constants.PRIORITY_STEPS) + 1
+    # and the backlog waiting in the tenants' fair lists for the queue's dispatcher
+    assert keys[-1] == constants.fair_backlog_key(constants.QUEUE_SMALL)
 
 
 @pytest.mark.parametrize("pool", DEPLOYED_POOLS)
@@ -104,7 +107,7 @@ def test_every_queue_has_an_autoscaled_consumer(rendered_overlays: dict[str, lis
 
     # then
     for queue in constants.ALL_QUEUES:
-        assert set(constants.priority_list_keys(queue)) <= watched, f"no autoscaler watches queue {queue!r}"
+        assert set(constants.queue_backlog_keys(queue)) <= watched, f"no autoscaler watches queue {queue!r}"
 
 
 def test_kustomize_triggers_reach_redis_by_its_full_dns_name(rendered_overlays: dict[str, list[Manifest]]) -> None:

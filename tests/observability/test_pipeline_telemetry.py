@@ -177,8 +177,11 @@ def test_escalated_job_is_one_trace_across_api_and_both_pools_and_counted_by_eac
     sdk_calls = [s for s in spans if s.name == "anthropic.messages.create"]
 
     assert submit.parent_span_id == request.span_id
-    # published from the API's publisher thread, in bulk: no span per message, the submit span is the parent
-    assert run_small.parent_span_id == submit.span_id
+    # put in its tenant's fair list by the API's publisher thread, in bulk: no span per message; the
+    # small pool's fair dispatcher publishes it, its producer span continuing the submit span
+    dispatch = one(f"apply_async/{k.TASK_RUN_SMALL}", k.SERVICE_SMALL_WORKER)
+    assert dispatch.parent_span_id == submit.span_id
+    assert run_small.parent_span_id == dispatch.span_id
     assert not [s for s in spans if s.service_name == k.SERVICE_API and s.kind == "SPAN_KIND_PRODUCER"]
     assert small_attempt.parent_span_id == run_small.span_id
     assert publish_escalation.parent_span_id == small_attempt.span_id

@@ -59,6 +59,7 @@ from smallfirst.api.stats import StatsReader
 from smallfirst.common import constants as k
 from smallfirst.common import telemetry
 from smallfirst.common.catalog import Catalog, CatalogError, load_catalog
+from smallfirst.common.fair import FairQueues
 from smallfirst.common.jobs import JobStatus, Tier
 from smallfirst.common.queues import Publisher, make_celery
 from smallfirst.common.store import AsyncJobStore, JobStore
@@ -409,7 +410,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         outbox_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
         outbox = JobStore(outbox_client, retention_s=settings.job_retention_s,
                           stale_after_s=settings.sweep_stale_after_s)
-        pump = PublishPump(Publisher(celery_app), settings.publish_batch_max, on_published=outbox.published)
+        # Fair scheduling (fair.py): queued jobs go to their tenants' fair lists, on the same client.
+        publisher = Publisher(celery_app, FairQueues(outbox_client) if settings.fair_scheduling else None)
+        pump = PublishPump(publisher, settings.publish_batch_max, on_published=outbox.published)
         hub = JobEventHub(events_client)
         metrics = ApiMetrics(settings.redis_url)
         store = AsyncJobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)

@@ -111,12 +111,14 @@ def _limit_value(raw: str) -> Any:
               help="Frontier spend budget per UTC month in USD ('none': no limit).")
 @click.option("--budget-policy", type=click.Choice(["small_only", "hold", "fail"]), default=None,
               help="What happens to work that would call the frontier once a budget is spent.")
+@click.option("--fair-weight", type=click.IntRange(min=1, max=1000), default=None,
+              help="This tenant's share of each tier queue against other tenants' waiting work (default 1).")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="Any other per-tenant limit (quotas, retention; see README), 'none' for the default.")
 @redis_url_option
 def update(tenant_id: str, local_only: bool | None, quota_jobs_per_minute: int | None, budget_daily_usd: str | None,
-           budget_monthly_usd: str | None, budget_policy: str | None, settings: tuple[str, ...],
-           redis_url: str) -> None:
+           budget_monthly_usd: str | None, budget_policy: str | None, fair_weight: int | None,
+           settings: tuple[str, ...], redis_url: str) -> None:
     """Change TENANT_ID's settings and print the tenant."""
     limits: dict[str, Any] = {}
     if budget_daily_usd is not None:
@@ -125,6 +127,8 @@ def update(tenant_id: str, local_only: bool | None, quota_jobs_per_minute: int |
         limits["budget_monthly_usd"] = _limit_value(budget_monthly_usd)
     if budget_policy is not None:
         limits["budget_policy"] = budget_policy
+    if fair_weight is not None:
+        limits["fair_weight"] = fair_weight
     for item in settings:
         name, sep, value = item.partition("=")
         if not sep:

@@ -478,6 +478,65 @@ def submission_bucket_key(tenant_id: str) -> str:
     return f"{KEY_PREFIX}bucket:{tenant_id}"
 
 
+# ---- Fair scheduling across tenants (fair.py says what each holds) -----------------------------
+# The Celery queues whose first deliveries wait in per-tenant lists and are fed to the queue by one
+# dispatcher per queue (elected deployment-wide), by weighted deficit round robin over tenants.
+FAIR_QUEUES: Final = (QUEUE_SMALL, QUEUE_FRONTIER)
+# The priority steps fair lists exist for (high, normal, low), served strictly in this order; the
+# shadow step (PRIORITY_SHADOW) is never fair-queued.
+FAIR_STEPS: Final = (PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW)
+# Sorted set: job id -> when a dispatcher took it from a fair list, until its Celery message is sent.
+# No TTL, as the publish outbox: the sweeper publishes an entry left by a dispatcher that died.
+FAIR_DISPATCHING_KEY: Final = f"{KEY_PREFIX}fair:dispatching"
+# How long the deficit counters and the wake-up list live unrenewed (each refill renews them).
+FAIR_STATE_TTL_S: Final = 24 * 3600
+FAIR_WAKE_TTL_S: Final = 60
+
+
+def fair_base_key(queue: str) -> str:
+    """The prefix of a fair queue's keys (the Lua scripts build the per-step keys from it)."""
+    return f"{KEY_PREFIX}fair:{queue}:"
+
+
+def fair_tenant_list_key(queue: str, step: int, tenant_id: str) -> str:
+    """List: a tenant's waiting entries ("<job id> <traceparent>") for one queue and priority step.
+    No TTL: its entries are the work itself (as a Celery queue's)."""
+    return f"{fair_base_key(queue)}{step}:t:{tenant_id}"
+
+
+def fair_ring_key(queue: str, step: int) -> str:
+    """List: the tenants with waiting entries at that step, in round-robin order (a tenant is in it
+    exactly while its list is not empty). No TTL, as the lists it indexes."""
+    return f"{fair_base_key(queue)}{step}:ring"
+
+
+def fair_deficit_key(queue: str, step: int) -> str:
+    """Hash: tenant -> what is left of its current turn's quantum (DRR deficit); TTL FAIR_STATE_TTL_S."""
+    return f"{fair_base_key(queue)}{step}:deficit"
+
+
+def fair_backlog_key(queue: str) -> str:
+    """List of one placeholder per entry waiting in the queue's fair lists (all steps), so that LLEN
+    gives the backlog to the queue-length gauge and to KEDA's redis trigger. No TTL: as the lists."""
+    return f"{fair_base_key(queue)}backlog"
+
+
+def queue_backlog_keys(queue: str) -> tuple[str, ...]:
+    """Every Redis list whose LLEN is work waiting for `queue`: its priority lists, then, for a fair
+    queue, its fair backlog (the queue-length gauge, the dashboard and the KEDA triggers add them)."""
+    return priority_list_keys(queue) + ((fair_backlog_key(queue),) if queue in FAIR_QUEUES else ())
+
+
+def fair_wake_key(queue: str) -> str:
+    """List of at most one element: pushed with every enqueue, the dispatcher blocks on it (BLPOP)."""
+    return f"{fair_base_key(queue)}wake"
+
+
+def fair_lock_key(queue: str) -> str:
+    """Held (with a TTL, renewed) by the one dispatcher of a queue in the deployment."""
+    return f"{fair_base_key(queue)}lock"
+
+
 # ---- Keys without a TTL -----------------------------------------------------------------------
 # Every other key the project (or Celery/kombu on its behalf) writes expires. Glob patterns (as
 # Redis SCAN MATCH and fnmatch read them) -> why the key may live without one; a test scans Redis
@@ -504,4 +563,11 @@ KEYS_WITHOUT_TTL: Final[dict[str, str]] = {
     KOMBU_UNACKED_KEY: "kombu's delivered-but-unacknowledged messages, restored or acked",
     KOMBU_UNACKED_INDEX_KEY: "kombu's index of the unacknowledged messages",
     "_kombu.binding*": "kombu's exchange-to-queue bindings (and their deadlines), as long as the queues",
+    FAIR_DISPATCHING_KEY: "jobs taken from a fair list whose message is being sent: removed once sent or swept",
+    **{f"{KEY_PREFIX}fair:{queue}:*:t:*": "a tenant's fair list: its entries are the work itself"
+       for queue in FAIR_QUEUES},
+    **{f"{KEY_PREFIX}fair:{queue}:*:ring": "the tenants with waiting fair entries: each leaves when its list empties"
+       for queue in FAIR_QUEUES},
+    **{f"{KEY_PREFIX}fair:{queue}:backlog": "one placeholder per waiting fair entry: as long-lived as the entries"
+       for queue in FAIR_QUEUES},
 }

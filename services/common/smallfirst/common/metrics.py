@@ -260,7 +260,8 @@ class QueueCollector(Collector):
     def _families(self) -> list[GaugeMetricFamily]:
         return [
             GaugeMetricFamily("smallfirst_queue_length", "Messages waiting in a Celery queue (all priority "
-                              "lists summed).", labels=["queue"]),
+                              "lists summed), plus the jobs waiting for it in its tenants' fair lists.",
+                              labels=["queue"]),
             GaugeMetricFamily("smallfirst_unacked_messages", "Messages delivered to a worker and not yet "
                               "acknowledged (kombu's unacked hash)."),
             GaugeMetricFamily("smallfirst_unacked_oldest_age_seconds", "Age of the oldest unacknowledged "
@@ -273,7 +274,7 @@ class QueueCollector(Collector):
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for queue in self.queues:
-                    for key in k.priority_list_keys(queue):
+                    for key in k.queue_backlog_keys(queue):
                         pipe.llen(key)
                 pipe.hlen(k.KOMBU_UNACKED_KEY)
                 pipe.zrange(k.KOMBU_UNACKED_INDEX_KEY, 0, 0, withscores=True)
@@ -282,9 +283,11 @@ class QueueCollector(Collector):
             log.warning("metrics: cannot read queue lengths from Redis: %s", exc)
             up.add_metric([], 0)
             return [up]
-        steps = len(k.PRIORITY_STEPS)
-        for i, queue in enumerate(self.queues):
-            length.add_metric([queue], sum(int(n) for n in results[i * steps:(i + 1) * steps]))
+        start = 0
+        for queue in self.queues:
+            end = start + len(k.queue_backlog_keys(queue))
+            length.add_metric([queue], sum(int(n) for n in results[start:end]))
+            start = end
         unacked.add_metric([], int(results[-2]))
         oldest = results[-1]
         oldest_age.add_metric([], max(0.0, self.clock() - float(oldest[0][1])) if oldest else 0.0)

@@ -18,6 +18,7 @@ from kombu import Queue
 
 from smallfirst.common import constants as k
 from smallfirst.common.broker import TRANSPORT_PATH, split_broker_url
+from smallfirst.common.fair import Dispatched, FairQueues
 from smallfirst.common.jobs import Job, JobStatus, Priority, Tier
 from smallfirst.common.settings import CoreSettings
 from smallfirst.common.telemetry import continued_trace
@@ -94,12 +95,29 @@ class Publisher:
     a span continuing the job's own trace.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, fair: FairQueues | None = None) -> None:
         self.app = app
+        # Fair scheduling (fair.py): a queued job's delivery waits in its tenant's fair list, from
+        # which the queue's dispatcher sends it. None: straight to the Celery queue.
+        self.fair = fair
 
-    def publish_job(self, job: Job, producer: Any = None, *, countdown_s: float | None = None) -> None:
+    def _fair_first(self, job: Job, countdown_s: float | None) -> bool:
+        """Whether this delivery goes through the fair lists: a queued job's, without a delay. A
+        retry after a backoff stays an ETA message (the worker holds it until due; fair lists have
+        no time order); escalations keep their own step ahead of fresh frontier work and are
+        bounded by the small tier's fair share already; a job already running (a lost worker's)
+        was dispatched once; shadow samples and webhooks are not tenants' first deliveries."""
+        return self.fair is not None and not countdown_s and job.status is JobStatus.QUEUED
+
+    def publish_job(self, job: Job, producer: Any = None, *, countdown_s: float | None = None,
+                    direct: bool = False) -> None:
         """Delivery of a queued job, to the tier the routing policy chose (`countdown_s`: not before
-        then, for a retry after a backoff)."""
+        then, for a retry after a backoff). Through its tenant's fair list unless `direct` (a job
+        that had its turn: a dispatched job whose dispatcher died) or `_fair_first` says no."""
+        if not direct and self._fair_first(job, countdown_s):
+            assert self.fair is not None
+            self.fair.enqueue([job])
+            return
         if job.route.tier is Tier.SMALL:
             self._send(k.TASK_RUN_SMALL, job.id, k.QUEUE_SMALL, message_priority(job.priority), job.traceparent,
                        producer, countdown_s=countdown_s)
@@ -110,7 +128,15 @@ class Publisher:
     def publish_jobs(self, jobs: Sequence[Job], max_batch: int = 500) -> None:
         """First delivery of many jobs through one producer, pipelined by kombu's `Producer.batch`
         (a few Redis round trips instead of one client and one round trip per message). Celery's
-        publish signals still fire for each message."""
+        publish signals still fire for each message. Queued jobs go to the fair lists, when on, in
+        one script call per queue."""
+        if self.fair is not None:
+            fair = [job for job in jobs if self._fair_first(job, None)]
+            if fair:
+                self.fair.enqueue(fair)
+                jobs = [job for job in jobs if not self._fair_first(job, None)]
+            if not jobs:
+                return
         with self.app.producer_or_acquire() as producer:
             # kombu < 5.7 has no Producer.batch: publish one by one through the shared producer.
             batch = getattr(producer, "batch", None)
@@ -129,6 +155,16 @@ class Publisher:
     def publish_shadow(self, job: Job) -> None:
         """A shadow sample of a job the small tier kept, for the frontier pool, behind all else."""
         self._send(k.TASK_RUN_SHADOW, job.id, k.QUEUE_FRONTIER, k.PRIORITY_SHADOW, job.traceparent)
+
+    def dispatch(self, queue: str, entries: Sequence[Dispatched], max_batch: int = 500) -> None:
+        """Send the Celery messages of entries a dispatcher took from `queue`'s fair lists, through
+        one producer (pipelined), each at its priority step and with its job's traceparent."""
+        task = k.TASK_RUN_SMALL if queue == k.QUEUE_SMALL else k.TASK_RUN_FRONTIER
+        with self.app.producer_or_acquire() as producer:
+            batch = getattr(producer, "batch", None)
+            with batch(max_size=max_batch) if batch is not None else contextlib.nullcontext():
+                for entry in entries:
+                    self._send(task, entry.job_id, queue, entry.step, entry.traceparent, producer)
 
     def publish_webhook(self, job_id: str, traceparent: str | None = None) -> None:
         self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL, traceparent)

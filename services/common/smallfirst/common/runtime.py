@@ -11,6 +11,7 @@ delivery run an attempt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
 from smallfirst.common import constants as k
+from smallfirst.common.fair import FairQueues
 from smallfirst.common.jobs import Job, JobStatus, Tier
 from smallfirst.common.queues import Publisher
 from smallfirst.common.store import CorruptJob, JobNotFound, JobStore
@@ -50,7 +52,14 @@ class Sweeper:
       one gets at most one extra message per `stale_after_s`);
     - a Redis restart (its run id changed): the restarted server may have lost the last writes of
       the old one, messages included, so every unfinished job not held by a live lease is
-      re-published at once rather than after its deadline.
+      re-published at once rather than after its deadline;
+    - the fair dispatchers' records (`FAIR_DISPATCHING_KEY`): a job taken from a fair list whose
+      message was not confirmed sent within `outbox_grace_s` (its dispatcher died) is published
+      straight to its Celery queue: it had its turn.
+
+    With fair scheduling a re-published queued job goes back through its tenant's fair list (at its
+    end): a job waiting there past its progress deadline gets one duplicate entry per
+    `stale_after_s` (the deadline is re-armed), never a flood, and the duplicate is a no-op delivery.
     """
 
     def __init__(self, store: JobStore, publisher: Publisher, *, webhook_retry_s: float = 60.0,
@@ -62,13 +71,19 @@ class Sweeper:
 
     def sweep_once(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
-        counts = {"republished": 0, "dropped": 0, "webhooks": 0, "unpublished": 0, "after_restart": 0}
+        counts = {"republished": 0, "dropped": 0, "webhooks": 0, "unpublished": 0, "after_restart": 0,
+                  "undispatched": 0}
         if self._redis_restarted():
             log.warning("sweeper: Redis restarted; re-publishing every unfinished job")
             counts["after_restart"] = self._republish_all(now)
         for job_id in self.store.unpublished(now - self.outbox_grace_s):
             if self._drain_outbox_entry(job_id, now):
                 counts["unpublished"] += 1
+        fair = FairQueues(self.store.redis) if self.publisher.fair is None else self.publisher.fair
+        for job_id in fair.stranded(now - self.outbox_grace_s):
+            if self._finish_dispatch(job_id):
+                counts["undispatched"] += 1
+            fair.sent([job_id])
         for job_id in self.store.due_jobs(now):
             job = self._active(job_id)
             if job is None:
@@ -135,6 +150,18 @@ class Sweeper:
         self.store.published([job_id])
         return republish
 
+    def _finish_dispatch(self, job_id: str) -> bool:
+        """A job a dispatcher took from a fair list and may not have sent: send it, if still queued."""
+        try:
+            job = self.store.get(job_id)
+        except (JobNotFound, CorruptJob):
+            return False
+        if job.status is not JobStatus.QUEUED or job.open_attempt() is not None:
+            return False
+        log.warning("job %s: taken from its fair list but its message not confirmed; publishing it", job.id)
+        self.publisher.publish_job(job, direct=True)
+        return True
+
     def _republish(self, job: Job, now: float) -> bool:
         attempt = job.open_attempt()
         if job.status is JobStatus.RUNNING:
@@ -188,6 +215,93 @@ class SweeperThread(threading.Thread):
             except redis.RedisError as exc:
                 # Redis away: the next round tries again; nothing to sweep without it anyway.
                 log.warning("sweeper: redis unavailable: %s", exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class Dispatcher:
+    """Feeds one Celery tier queue from its fair lists (fair.py): keeps about `depth` messages
+    waiting at the fair priority steps, refilled by weighted deficit round robin over tenants.
+
+    `dispatch_once` is one refill: the room left (depth minus the messages waiting at the high,
+    normal and low steps; shadow samples, behind them all, do not count), one script call that
+    pops that many entries and records them as dispatching, the messages sent through the
+    publisher (one producer, pipelined), the records removed.
+    """
+
+    def __init__(self, fair: FairQueues, publisher: Publisher, queue: str, *, depth: int) -> None:
+        self.fair = fair
+        self.publisher = publisher
+        self.queue = queue
+        self.depth = depth
+        keys = k.priority_list_keys(queue)
+        self._counted = tuple(keys[k.PRIORITY_STEPS.index(step)] for step in k.FAIR_STEPS)
+
+    def room(self) -> int:
+        with self.fair.redis.pipeline(transaction=False) as pipe:
+            for key in self._counted:
+                pipe.llen(key)
+            return self.depth - int(sum(pipe.execute()))
+
+    def dispatch_once(self, now: float | None = None) -> int:
+        entries = self.fair.refill(self.queue, self.room(), now)
+        if not entries:
+            return 0
+        self.publisher.dispatch(self.queue, entries)
+        # Removed only once sent: a failure before leaves the records for the sweeper.
+        self.fair.sent([entry.job_id for entry in entries])
+        return len(entries)
+
+
+class DispatcherThread(threading.Thread):
+    """Runs a queue's dispatcher in one worker process of the whole deployment at a time (a Redis
+    lock with a TTL, renewed every round; a successor continues from the state in Redis).
+
+    It blocks on the queue's wake-up list (an enqueue pushes to it, and so does a worker of the pool
+    as it starts a task, `worker_app`), so an unloaded job waits a round trip, not a poll interval,
+    and a full queue is refilled as soon as a worker takes a message; while a backlog waits behind a
+    full tier queue it also looks again every `poll_s`. A process that is not elected looks at the
+    lock every third of its TTL.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, *, owner: str, poll_s: float, lock_ttl_s: float,
+                 idle_s: float = 1.0) -> None:
+        super().__init__(name=f"smallfirst-dispatcher-{dispatcher.queue}", daemon=True)
+        self.dispatcher = dispatcher
+        self.owner = owner
+        self.poll_s = poll_s
+        self.lock_ttl_s = lock_ttl_s
+        self.idle_s = min(idle_s, lock_ttl_s / 3)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        fair = self.dispatcher.fair
+        queue = self.dispatcher.queue
+        renewed_at = float("-inf")
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() - renewed_at >= self.lock_ttl_s / 3:
+                    if not fair.elect(queue, self.owner, self.lock_ttl_s):
+                        renewed_at = float("-inf")
+                        self.stopping.wait(self.lock_ttl_s / 3)
+                        continue
+                    renewed_at = time.monotonic()
+                moved = self.dispatcher.dispatch_once()
+                if moved:
+                    continue
+                # Nothing moved: the queue is full (look again soon while a backlog waits) or there is
+                # nothing to move (sleep until an enqueue wakes us).
+                fair.wait_for_work(queue, self.poll_s if fair.backlog(queue) else self.idle_s)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("dispatcher %s: redis unavailable: %s", queue, exc)
+                self.stopping.wait(1.0)
+            except Exception:
+                # A broker error while sending (the records stay for the sweeper): try again shortly.
+                log.exception("dispatcher %s: refill failed", queue)
+                self.stopping.wait(1.0)
+        with contextlib.suppress(redis.RedisError, OSError):
+            fair.resign(queue, self.owner)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -48,6 +48,18 @@ class CoreSettings(BaseSettings):
     # published by the sweeper (the API normally confirms within milliseconds).
     sweep_outbox_grace_s: float = Field(default=10.0, gt=0)
 
+    # ---- Fair scheduling across tenants (fair.py) ---------------------------------------------
+    # On: queued jobs wait in per-tenant lists, fed to the tier queues by weighted round robin.
+    # Off: published straight to the Celery queues (the dispatchers still drain the fair lists).
+    fair_scheduling: bool = True
+    # Messages the dispatcher keeps waiting in each tier queue (beside the workers' prefetch, one
+    # per thread): enough to cover its reaction time, few enough that a late tenant waits little.
+    fair_queue_depth: int = Field(default=4, gt=0)
+    # How often the dispatcher looks at a full tier queue while a backlog waits (an enqueue wakes it
+    # at once, BLPOP), and how long a dispatcher's election lock lives unrenewed.
+    fair_poll_s: float = Field(default=0.01, gt=0)
+    fair_lock_ttl_s: float = Field(default=5.0, gt=0)
+
     # Operator switch: callbacks to loopback and private networks (refused by default, see webhooks.py).
     allow_private_callbacks: bool = False
     webhook_timeout_s: float = Field(default=10.0, gt=0)

@@ -85,6 +85,9 @@ class Tenant(BaseModel):
     retention_s: int | None = Field(default=None, gt=0)
     # How long a replayable idempotency record is kept.
     idempotency_ttl_s: int | None = Field(default=None, gt=0)
+    # Fair scheduling (fair.py): this tenant's share of each tier and priority against the other
+    # tenants with work waiting there, as jobs per round robin turn.
+    fair_weight: int = Field(default=1, ge=1, le=1000)
     created_at: float = 0.0
 
     def public(self) -> dict[str, Any]:
@@ -96,7 +99,9 @@ class Tenant(BaseModel):
 LIMIT_FIELDS: tuple[str, ...] = (
     "quota_jobs_per_minute", "budget_daily_usd", "budget_monthly_usd", "budget_policy", "quota_max_jobs_in_flight",
     "quota_max_bytes_stored", "quota_submissions_per_s", "quota_submissions_burst", "quota_max_input_bytes",
-    "retention_s", "idempotency_ttl_s")
+    "retention_s", "idempotency_ttl_s", "fair_weight")
+# Settings that are never empty: `none` puts them back to this default.
+LIMIT_DEFAULTS: dict[str, Any] = {"fair_weight": 1}
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ def _with_limits(tenant: Tenant, limits: dict[str, Any]) -> Tenant:
     unknown = sorted(set(limits) - set(LIMIT_FIELDS))
     if unknown:
         raise TenantError(f"unknown tenant setting(s) {unknown}; known: {sorted(LIMIT_FIELDS)}")
+    limits = {name: LIMIT_DEFAULTS[name] if value is None and name in LIMIT_DEFAULTS else value
+              for name, value in limits.items()}
     try:
         return Tenant.model_validate({**tenant.model_dump(), **limits})
     except ValidationError as exc:

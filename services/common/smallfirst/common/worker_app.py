@@ -23,10 +23,11 @@ from smallfirst.common.catalog import Catalog, load_catalog
 from smallfirst.common.deadletters import REASON_UNDECODABLE, record_undecodable
 from smallfirst.common.examples import ExampleMemory
 from smallfirst.common.execution import JobExecution
+from smallfirst.common.fair import FairQueues
 from smallfirst.common.jobs import Tier
 from smallfirst.common.metrics import default_job_metrics, start_metrics_server
 from smallfirst.common.queues import Publisher
-from smallfirst.common.runtime import HeartbeatStep, Sweeper, SweeperThread
+from smallfirst.common.runtime import Dispatcher, DispatcherThread, HeartbeatStep, Sweeper, SweeperThread
 from smallfirst.common.settings import CoreSettings
 from smallfirst.common.store import JobStore, StoreConflict
 
@@ -97,7 +98,8 @@ def build_execution(settings: CoreSettings, app: Celery, client: redis.Redis,
                     catalog: Catalog | None = None) -> JobExecution:
     store = JobStore(client, retention_s=settings.job_retention_s, stale_after_s=settings.sweep_stale_after_s)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    return JobExecution(store, Publisher(app), catalog or load_catalog(settings.catalog_path),
+    publisher = Publisher(app, FairQueues(client) if settings.fair_scheduling else None)
+    return JobExecution(store, publisher, catalog or load_catalog(settings.catalog_path),
                         lease_s=settings.job_lease_s, worker_name=worker_name, examples=ExampleMemory(client),
                         budgets=BudgetLedger(client, default_budget_metrics()))
 
@@ -131,7 +133,7 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
 
     app.steps["consumer"].add(PoolHeartbeat)
     install_undecodable_dead_letters(app, settings)
-    sweeper_threads: list[SweeperThread] = []
+    sweeper_threads: list[SweeperThread | DispatcherThread] = []
     metrics_servers: list[WSGIServer] = []
 
     @signals.worker_init.connect(weak=False)
@@ -170,6 +172,26 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
         thread = SweeperThread(sweeper, interval_s=settings.sweep_interval_s, owner=runtime.worker_name)
         thread.start()
         sweeper_threads.append(thread)
+        # The fair dispatchers of the queues this pool consumes: started whether or not this process
+        # publishes fairly (`fair_scheduling`), so that entries already in fair lists always move.
+        fair = runtime.publisher.fair or FairQueues(runtime.store.redis)
+        for queue in k.POOL_QUEUES.get(pool, ()):
+            if queue in k.FAIR_QUEUES:
+                dispatcher = Dispatcher(fair, runtime.publisher, queue, depth=settings.fair_queue_depth)
+                feeder = DispatcherThread(dispatcher, owner=runtime.worker_name, poll_s=settings.fair_poll_s,
+                                          lock_ttl_s=settings.fair_lock_ttl_s)
+                feeder.start()
+                sweeper_threads.append(feeder)
+        fed = tuple(queue for queue in k.POOL_QUEUES.get(pool, ()) if queue in k.FAIR_QUEUES)
+        if fed:
+            def nudge_dispatchers(**_: object) -> None:
+                # A message left a queue this pool consumes: its dispatcher may refill at once.
+                try:
+                    fair.nudge(fed)
+                except (redis.RedisError, OSError) as exc:
+                    log.debug("dispatcher wake-up not sent: %s", exc)
+
+            signals.task_prerun.connect(nudge_dispatchers, weak=False)
 
     @signals.worker_shutdown.connect(weak=False)
     def stop_sweeper(**_: object) -> None:

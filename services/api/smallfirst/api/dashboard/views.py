@@ -441,13 +441,16 @@ class DashboardViews:
     async def _queues(self) -> tuple[list[QueueDepth], int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for queue in k.ALL_QUEUES:
-                for key in k.priority_list_keys(queue):
+                for key in k.queue_backlog_keys(queue):
                     pipe.llen(key)
             pipe.hlen(k.KOMBU_UNACKED_KEY)
             results: list[Any] = await pipe.execute()
-        steps = len(k.PRIORITY_STEPS)
-        depths = [QueueDepth(queue, sum(int(n) for n in results[i * steps:(i + 1) * steps]))
-                  for i, queue in enumerate(k.ALL_QUEUES)]
+        depths: list[QueueDepth] = []
+        start = 0
+        for queue in k.ALL_QUEUES:
+            end = start + len(k.queue_backlog_keys(queue))
+            depths.append(QueueDepth(queue, sum(int(n) for n in results[start:end])))
+            start = end
         return depths, int(results[-1])
 
     async def _oldest_waiting(self, viewer: Viewer, now: float) -> tuple[int, WaitingJob | None]:
