@@ -101,14 +101,17 @@ def _pings(url: str) -> bool:
 
 
 def queued_messages(client: redis.Redis) -> int:
-    return sum(int(client.llen(key)) for key in k.priority_list_keys(k.QUEUE_SMALL))
+    """Jobs waiting for the small pool: its Celery lists and, with fair scheduling, its fair backlog
+    (no worker runs here, so nothing dispatches them)."""
+    return sum(int(client.llen(key)) for key in k.queue_backlog_keys(k.QUEUE_SMALL))
 
 
 def reset(client: redis.Redis) -> None:
     """Empty the queues and job records between phases. The tenant stays, and so do kombu's
     binding keys: deleting those under a running publisher would make its messages undeliverable."""
     doomed = [*k.priority_list_keys(k.QUEUE_SMALL), k.ACTIVE_JOBS_KEY, k.PUBLISH_OUTBOX_KEY]
-    for pattern in (k.job_key("*"), k.tenant_jobs_key("*"), k.stats_key("*", "*"), k.quota_key("*", 0)[:-1] + "*"):
+    for pattern in (k.job_key("*"), k.tenant_jobs_key("*"), k.stats_key("*", "*"), k.quota_key("*", 0)[:-1] + "*",
+                    k.fair_base_key(k.QUEUE_SMALL) + "*"):
         doomed.extend(key.decode() for key in client.scan_iter(match=pattern, count=1000))
     for start in range(0, len(doomed), 1000):
         client.delete(*doomed[start:start + 1000])
@@ -177,6 +180,8 @@ def api_process(redis_url: str, workers: int, logs: Path, extra_env: dict[str, s
            "SMALLFIRST_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
            # The bench measures the ingest path at full speed: one tenant, no effective submission rate limit.
            "SMALLFIRST_DEFAULT_SUBMISSIONS_PER_S": "1000000", "SMALLFIRST_DEFAULT_SUBMISSIONS_BURST": "1000000",
+           # No worker ends these jobs, and the phases together queue more than the default limits.
+           "SMALLFIRST_DEFAULT_MAX_JOBS_IN_FLIGHT": "100000000", "SMALLFIRST_DEFAULT_MAX_BYTES_STORED": str(64 << 30),
            **(extra_env or {})}
     log = logs.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "smallfirst.cli", "api", "--host", "127.0.0.1", "--port",
