@@ -34,7 +34,7 @@ from smallfirst.common import telemetry
 from smallfirst.common.catalog import StructuredOutputMode, Task
 from smallfirst.common.errors import SmallfirstError
 from smallfirst.common.execution import AttemptContext, JobExecution
-from smallfirst.common.jobs import AttemptOutcome, FrontierMode, Job, Tier, Usage
+from smallfirst.common.jobs import AttemptOutcome, FrontierMode, Job, Tier, Usage, Verdict
 from smallfirst.common.metrics import FrontierMetrics, default_frontier_metrics
 from smallfirst.common.outcome import AttemptResult, Outcome
 from smallfirst.common.pricing import PriceTable, UnknownModelPrice
@@ -99,15 +99,21 @@ def batch_request(task: Task, job: Job) -> FrontierRequest:
     return build_request(task, job.input, escalation_context(job), batch_shape(task))
 
 
+def shadow_request(task: Task, job: Job) -> FrontierRequest:
+    """A shadow sample's request: the job's input alone (the frontier answers it afresh, without the
+    small tier's answer), shaped as every batched request."""
+    return build_request(task, job.input, None, batch_shape(task))
+
+
 def batch_params(request: FrontierRequest) -> dict[str, Any]:
     params = request.create_kwargs()
     params.pop("timeout", None)  # an SDK option, not a Messages parameter
     return params
 
 
-# Takes a batched shadow sample's answer: (task, job, answer, cost at the batch price, effects
-# for the same transaction). `ShadowRunner.record`.
-ShadowRecorder = Callable[[Task, Job, Any, float, Callable[[Any], None]], None]
+# Takes a batched shadow sample's answer: (task, job, answer, cost at the batch price, the verdict
+# on it, effects for the same transaction). `ShadowRunner.record`.
+ShadowRecorder = Callable[[Task, Job, Any, float, Verdict | None, Callable[[Any], None]], None]
 
 
 class BatchLane:
@@ -186,7 +192,7 @@ class BatchLane:
     def _handle_shadow(self, task: Task, job: Job, result: BatchResult) -> None:
         """A shadow sample's result: recorded (with its "handled" mark) when answered; an errored or
         expired one is dropped, since a sample is a random draw and losing one biases nothing."""
-        attempt_result = self.attempt_result(task, job, result)
+        attempt_result = self.attempt_result(task, job, result, shadow_request(task, job))
         if attempt_result.error is not None or self.shadow_recorder is None:
             log.info("job %s: batched shadow sample not answered (%s); dropped", job.id,
                      attempt_result.error.code if attempt_result.error is not None else "no recorder")
@@ -195,12 +201,15 @@ class BatchLane:
         def effects(pipe: Any) -> None:
             mark_handled(pipe, result.batch_id, result.custom_id, self.buffer.config.record_ttl_s)
 
-        self.shadow_recorder(task, job, attempt_result.answer, attempt_result.cost_usd, effects)
+        self.shadow_recorder(task, job, attempt_result.answer, attempt_result.cost_usd, attempt_result.verdict,
+                             effects)
         log.info("job %s: batched shadow sample recorded", job.id)
 
-    def attempt_result(self, task: Task, job: Job, result: BatchResult) -> AttemptResult:
+    def attempt_result(self, task: Task, job: Job, result: BatchResult,
+                       request: FrontierRequest | None = None) -> AttemptResult:
+        """`request`: what was sent for it (default: the job's next attempt's, `batch_request`)."""
         if result.type is ResultType.SUCCEEDED and result.message is not None:
-            return self._answered(task, job, result)
+            return self._answered(task, job, result, request or batch_request(task, job))
         if result.type is ResultType.ERRORED:
             message = f"batched request errored ({result.error_type}): {result.error_message}"
             if result.error_type in FINAL_ERROR_TYPES:
@@ -208,7 +217,7 @@ class BatchLane:
             return AttemptResult.failed(FrontierBatchFailed(message))
         return AttemptResult.failed(FrontierBatchFailed(f"batched request {result.type.value} in {result.batch_id}"))
 
-    def _answered(self, task: Task, job: Job, result: BatchResult) -> AttemptResult:
+    def _answered(self, task: Task, job: Job, result: BatchResult, request: FrontierRequest) -> AttemptResult:
         assert result.message is not None
         usage = result.usage() or Usage()
         try:
@@ -218,7 +227,7 @@ class BatchLane:
         cost_usd = price.cost_usd(usage, batch=True)
         realtime_cost_usd = price.cost_usd(usage)
         self._metrics.record_usage(task.frontier.model, usage, cost_usd)
-        answer, _parse_error = parse_answer(batch_request(task, job), result.message)
+        answer, _parse_error = parse_answer(request, result.message)
         with telemetry.validation_span(Tier.FRONTIER.value) as span:
             verdict = validate(task, answer, None, job.input, tier=Tier.FRONTIER)
             telemetry.annotate_verdict(verdict, span)

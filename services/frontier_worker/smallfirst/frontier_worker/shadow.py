@@ -32,14 +32,13 @@ from smallfirst.common.budgets import BudgetLedger, add_spend
 from smallfirst.common.catalog import Catalog, Task
 from smallfirst.common.errors import SmallfirstError
 from smallfirst.common.examples import ExampleMemory, ExampleSource
-from smallfirst.common.jobs import FrontierMode, Job, JobStatus, Tier
+from smallfirst.common.jobs import FrontierMode, Job, JobStatus, Tier, Verdict
 from smallfirst.common.routing import shadow_frontier_mode
 from smallfirst.common.store import JobNotFound, JobStore
 from smallfirst.common.validation import validate
-from smallfirst.frontier_worker.batch_lane import batch_params, batch_shape
+from smallfirst.frontier_worker.batch_lane import batch_params, shadow_request
 from smallfirst.frontier_worker.batches import BatchBuffer
 from smallfirst.frontier_worker.executor import FrontierExecutor
-from smallfirst.frontier_worker.prompts import build_request
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class ShadowRunner:
         request are one transaction, so a redelivered message buffers nothing twice and a crash
         leaves neither."""
         assert self.batches is not None
-        params = batch_params(build_request(task, job.input, None, batch_shape(task)))
+        params = batch_params(shadow_request(task, job))
         done_key = k.shadow_done_key(job.id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -112,10 +111,11 @@ class ShadowRunner:
                     continue
         log.info("job %s: shadow sample buffered for a batch", job.id)
 
-    def record(self, task: Task, job: Job, answer: Any, cost_usd: float,
+    def record(self, task: Task, job: Job, answer: Any, cost_usd: float, verdict: Verdict | None = None,
                effects: Callable[[Any], None] | None = None) -> None:
         """Count a frontier answer to a kept job: agreement, cost, budget spend, and the answer as a
-        `shadow` example when it passes validation. `effects` ride on the same transaction."""
+        `shadow` example when it passes validation (`verdict`, when the caller validated it already).
+        `effects` ride on the same transaction."""
         if not isinstance(job.result, dict):
             return
         small_label = str(job.result.get("label"))
@@ -135,6 +135,7 @@ class ShadowRunner:
             pipe.execute()
         SHADOW_SAMPLES.labels(task.name, str(agree).lower()).inc()
         SHADOW_COST.labels(task.name).inc(cost_usd)
-        verdict = validate(task, answer, None, job.input, tier=Tier.FRONTIER)
+        if verdict is None:
+            verdict = validate(task, answer, None, job.input, tier=Tier.FRONTIER)
         if verdict.passed and isinstance(label, str):
             self.memory.record(task, job, label, ExampleSource.SHADOW, model=task.frontier.model)
