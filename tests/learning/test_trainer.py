@@ -21,6 +21,7 @@ from smallfirst.small_worker.trainer import (
     choose_threshold,
     choose_threshold_on_stream,
     clopper_pearson_lower,
+    worse_than_live,
 )
 
 MODEL = "synthetic-embed"
@@ -183,3 +184,34 @@ def test_only_one_trainer_trains_a_task_at_a_time(redis_url: str) -> None:
     # then
     assert not report.published
     assert "lock" in report.reason
+
+
+def test_the_guard_calls_a_head_worse_only_when_the_paired_difference_is_beyond_chance() -> None:
+    # given: fresh examples on which the live head alone is right on 2 and the new head alone on 1
+    # (noise), and ones on which the live head alone is right on 20 and the new head alone on 2
+    # when / then: the first is no evidence against the new head, the second is
+    assert not worse_than_live({"fresh_only_live_right": 2, "fresh_only_new_right": 1})
+    assert worse_than_live({"fresh_only_live_right": 20, "fresh_only_new_right": 2})
+    # and a new head that is right more often is never worse
+    assert not worse_than_live({"fresh_only_live_right": 3, "fresh_only_new_right": 30})
+
+
+def test_a_published_head_votes_with_its_nearest_examples_after_a_round_trip_through_redis(redis_url: str) -> None:
+    # given: a head whose regression knows nothing (zero weights) but whose support rows are labelled
+    client = redis.Redis.from_url(redis_url)
+    clusters = Clusters()
+    head = TrainedHead(version=3, classes=CLASSES, weights=np.zeros((3, clusters.centers.shape[1]), dtype=np.float32),
+                       bias=np.zeros(3, dtype=np.float32), support=clusters.centers.astype(np.float32),
+                       threshold=0.5, novelty_floor=1.0, support_labels=np.arange(3), knn_weight=0.5)
+    publish_head(client, "votes", MODEL, head)
+    # when: it is loaded back and scores a message of the second cluster
+    loaded = load_head(client, "votes", MODEL)
+    assert loaded is not None
+    probabilities, novelty = loaded.scores(np.stack([clusters.sample("beta")]))
+    # then: the vote (half the weight) makes "beta" the answer the flat regression could not give
+    assert loaded.knn_weight == 0.5
+    assert CLASSES[int(probabilities[0].argmax())] == "beta"
+    assert probabilities[0].max() > 0.5
+    assert probabilities[0].sum() == pytest.approx(1.0, abs=1e-5)
+    # and the novelty comes from the same similarities: close to its cluster's centre
+    assert 0.0 <= novelty[0] < 0.5

@@ -297,9 +297,8 @@ class HeadScores:
         return self.head.classes
 
     def __call__(self, queries: np.ndarray) -> np.ndarray:
-        matrix = np.atleast_2d(queries)
-        return np.hstack([self.head.probabilities(matrix).astype(np.float64),
-                          self.head.novelty(matrix).astype(np.float64)[:, None]])
+        probabilities, novelty = self.head.scores(np.atleast_2d(queries))
+        return np.hstack([probabilities.astype(np.float64), novelty.astype(np.float64)[:, None]])
 
 
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
