@@ -22,6 +22,15 @@ small tier's. Accuracy is the intent's (a paraphrase group's answer counts for i
 
 `--base-only-redis`: only the stack's Redis commands per job and idle CPU, no vLLM offline run
 (for a run on an older checkout, to compare).
+`--only-latency`: only the steady-rate run and the bare Embed call (no vLLM offline run, no
+throughput runs), for a quick look at latency; its JSON line carries the same latency figures.
+
+The steady run also splits each job's submit-to-result time into stages, from the client's clock
+and the job record's (one machine, one clock), p50 and p95 of each (`latency_stages_ms`): `accept`
+(submit to the record's creation), `to_start` (creation to the attempt's start: the fair list, the
+dispatcher, the Celery queue and prefetch), `attempt` (the attempt's start to its end: the embed
+call and scoring), `to_end` (the attempt's end to the job's end), `to_client` (the job's end to the
+long-poll's answer at the client).
 
 The last line printed is one JSON object.
 """
@@ -192,6 +201,17 @@ def bare_embed_latency_ms(stack: Stack, texts: list[str], count: int) -> list[fl
     return latencies
 
 
+def job_stages(job: dict[str, Any], submitted_at: float, answered_at: float) -> dict[str, float]:
+    """A single-attempt job's submit-to-result time in stages, ms (empty for any other job)."""
+    attempts = job.get("attempts") or []
+    if len(attempts) != 1 or attempts[0].get("ended_at") is None or job.get("ended_at") is None:
+        return {}
+    attempt = attempts[0]
+    marks = [submitted_at, job["created_at"], attempt["started_at"], attempt["ended_at"], job["ended_at"], answered_at]
+    names = ("accept", "to_start", "attempt", "to_end", "to_client")
+    return {name: (marks[i + 1] - marks[i]) * 1e3 for i, name in enumerate(names)}
+
+
 class Bench:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -237,20 +257,26 @@ class Bench:
                 "succeeded": sum(1 for job in jobs if job["status"] == "succeeded"),
                 "accuracy": round(correct / len(rows), 4)}
 
-    def steady(self, task: str, texts: list[str], rate: float, count: int) -> list[float]:
-        """Single jobs at a steady rate, each submitted and long-polled on its own thread."""
+    def steady(self, task: str, texts: list[str], rate: float,
+               count: int) -> tuple[list[float], dict[str, list[float]]]:
+        """Single jobs at a steady rate, each submitted and long-polled on its own thread; the
+        submit-to-result times, and each job's stages (see the module's docstring)."""
         latencies: list[float] = []
+        stages: dict[str, list[float]] = defaultdict(list)
         lock = threading.Lock()
         client = httpx.Client(base_url=self.stack.api_url, headers=self.headers, timeout=120,
                               limits=httpx.Limits(max_connections=200, max_keepalive_connections=200))
 
         def one(text: str) -> None:
-            started = time.perf_counter()
+            started, submitted_at = time.perf_counter(), time.time()
             job = client.post("/v1/jobs", json={"task": task, "input": {"text": text}}).json()
             while job["status"] not in TERMINAL:
                 job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+            answered_at = time.time()
             with lock:
                 latencies.append((time.perf_counter() - started) * 1e3)
+                for name, value in job_stages(job, submitted_at, answered_at).items():
+                    stages[name].append(value)
 
         threads = []
         first = time.perf_counter()
@@ -264,7 +290,7 @@ class Bench:
         for thread in threads:
             thread.join()
         client.close()
-        return latencies
+        return latencies, stages
 
 
 def main() -> None:
@@ -276,6 +302,7 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--base-only-redis", action="store_true")
+    parser.add_argument("--only-latency", action="store_true", help="only the steady run and the bare Embed call")
     args = parser.parse_args()
     per_intent = intents(args.dataset)
     rows = evaluation_rows(per_intent, args.jobs)
@@ -285,7 +312,7 @@ def main() -> None:
 
     model_path = bundled_embedding_model_path()
     offline_per_s = 0.0
-    if not args.base_only_redis:
+    if not (args.base_only_redis or args.only_latency):
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         child = context.Process(target=offline_embed, args=(texts, str(model_path), results))
@@ -321,7 +348,7 @@ def main() -> None:
 
             before = redis_calls(bench.redis)
             started = time.perf_counter()
-            latencies = bench.steady(TASK_77, texts, args.rate, args.latency_jobs)
+            latencies, stages = bench.steady(TASK_77, texts, args.rate, args.latency_jobs)
             steady_s = time.perf_counter() - started
             delta = calls_delta(before, redis_calls(bench.redis))
             per_job = sum(delta.values()) / args.latency_jobs
@@ -332,17 +359,21 @@ def main() -> None:
                 name: round(n / args.latency_jobs, 2) for name, n in sorted(delta.items(), key=lambda x: -x[1])}
             figures["p50_ms"] = round(statistics.median(latencies), 1)
             figures["p95_ms"] = round(percentile(latencies, 95), 1)
+            figures["latency_stages_ms"] = {
+                name: {"p50": round(statistics.median(values), 1), "p95": round(percentile(values, 95), 1)}
+                for name, values in stages.items()}
             print(f"steady {args.rate:g} jobs/s, {args.latency_jobs} single jobs: p50 {figures['p50_ms']} ms, "
                   f"p95 {figures['p95_ms']} ms; Redis {figures['redis_commands_per_job']} commands/job "
                   f"({figures['redis_commands_per_job_less_idle']} less the idle traffic): "
                   f"{figures['redis_commands_by_name_per_job']}", flush=True)
+            print(f"stages (ms): {figures['latency_stages_ms']}", flush=True)
             if not args.base_only_redis:
                 bare = bare_embed_latency_ms(stack, texts, 200)
                 figures["embed_call_p50_ms"] = round(statistics.median(bare), 2)
                 figures["embed_call_p95_ms"] = round(percentile(bare, 95), 2)
                 print(f"bare Embed call: p50 {figures['embed_call_p50_ms']} ms, "
                       f"p95 {figures['embed_call_p95_ms']} ms", flush=True)
-                for workers in (1, 2):
+                for workers in (() if args.only_latency else (1, 2)):
                     if workers == 2:
                         stack.start_worker(k.POOL_SMALL, name="worker-small-2")
                         bench.warm([TASK_77, TASK_308], texts[1])
@@ -357,7 +388,7 @@ def main() -> None:
                               f"succeeded, intent accuracy {result['accuracy']:.3f}", flush=True)
         finally:
             stack.stop_all()
-    if not args.base_only_redis:
+    if not (args.base_only_redis or args.only_latency):
         figures["offline_embed_texts_per_s"] = round(offline_per_s, 2)
         figures["label_count_ratio_300_vs_77"] = round(figures["jobs_per_s_300_labels"]
                                                       / figures["jobs_per_s_77_labels"], 4)

@@ -256,3 +256,50 @@ def test_the_fair_weight_is_set_with_the_cli_and_shown(redis_url: str, client: r
     assert refused.exit_code != 0
     assert '"fair_weight": 1' in listed.output
     assert TenantRegistry(client).get("a").fair_weight == 1
+
+
+def test_a_refill_reads_the_room_left_itself_and_says_whether_entries_still_wait(
+        client: redis.Redis, publisher: Publisher) -> None:
+    # given 6 queued jobs in the fair lists and one message already waiting in the tier queue
+    fair = publisher.fair
+    assert fair is not None
+    jobs = [make_job("a") for _ in range(6)]
+    publisher.publish_jobs(jobs)
+    publisher.publish_job(make_job("b"), direct=True)
+    counted = [k.priority_list_keys(k.QUEUE_SMALL)[k.PRIORITY_STEPS.index(step)] for step in k.FAIR_STEPS]
+
+    # when two refills to a depth of 4 run, then one after the tier queue emptied
+    first, first_waiting = fair.take(k.QUEUE_SMALL, 4, counted=counted)
+    for entry in first:
+        publisher.dispatch(k.QUEUE_SMALL, [entry])
+    second, second_waiting = fair.take(k.QUEUE_SMALL, 4, counted=counted)
+    client.delete(*counted)
+    third, third_waiting = fair.take(k.QUEUE_SMALL, 4, counted=counted)
+
+    # then the first takes the room left (3), the second none, the third the rest, and only then
+    # is nothing left waiting
+    assert [e.job_id for e in first + second + third] == [job.id for job in jobs]
+    assert (len(first), len(second), len(third)) == (3, 0, 3)
+    assert (first_waiting, second_waiting, third_waiting) == (True, True, False)
+    assert fair.backlog(k.QUEUE_SMALL) == 0
+
+
+def test_a_task_start_wakes_the_dispatcher_only_while_entries_wait(client: redis.Redis) -> None:
+    # given no entry in the small queue's fair lists
+    fair = FairQueues(client)
+    client.delete(k.fair_wake_key(k.QUEUE_SMALL))
+
+    # when a worker nudges, then again after a job was enqueued and its wake-up taken
+    idle = fair.nudge([k.QUEUE_SMALL])
+    idle_wake = client.llen(k.fair_wake_key(k.QUEUE_SMALL))
+    fair.enqueue([make_job("a")])
+    client.delete(k.fair_wake_key(k.QUEUE_SMALL))
+    busy = fair.nudge([k.QUEUE_SMALL, k.QUEUE_FRONTIER])
+
+    # then only the nudge with an entry waiting wakes the small queue's dispatcher (and not the
+    # frontier's, which has nothing waiting)
+    assert (idle, idle_wake) == (0, 0)
+    assert busy == 1
+    assert client.llen(k.fair_wake_key(k.QUEUE_SMALL)) == 1
+    assert client.ttl(k.fair_wake_key(k.QUEUE_SMALL)) > 0
+    assert client.llen(k.fair_wake_key(k.QUEUE_FRONTIER)) == 0

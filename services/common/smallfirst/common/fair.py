@@ -64,12 +64,19 @@ return count
 """
 
 # ARGV[1]: key base, [2]: backlog list, [3]: dispatching set, [4]: tenants hash, [5]: room, [6]: now,
-# [7]: deficit TTL, [8..]: the priority steps, served strictly in this order. Answers the popped
-# entries as a flat list {step, entry, step, entry, ...}. Each turn either pops at least one entry
-# or finds its tenant's list empty and drops the tenant, so the loop ends.
+# [7]: deficit TTL, [8]: n, the number of lists that follow, whose lengths are taken off the room
+# (the tier queue's messages already waiting: read here, not in a round trip of their own), [9..8+n]:
+# those lists, then the priority steps, served strictly in this order. Answers {entries, waiting}:
+# the popped entries as a flat list {step, entry, step, entry, ...}, and 1 when entries still wait
+# in the fair lists after it, else 0. Each turn either pops at least one entry or finds its
+# tenant's list empty and drops the tenant, so the loop ends.
 _REFILL_SCRIPT = """
 local base, backlog, dispatching, tenants = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local room, now, ttl = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local counted = tonumber(ARGV[8])
+for c = 9, 8 + counted do
+  room = room - redis.call('LLEN', ARGV[c])
+end
 local out = {}
 local cache = {}
 local function weight(tenant)
@@ -86,7 +93,7 @@ local function weight(tenant)
   return w
 end
 local drained = true
-for s = 8, #ARGV do
+for s = 9 + counted, #ARGV do
   local step = ARGV[s]
   local ring = base .. step .. ':ring'
   local deficits = base .. step .. ':deficit'
@@ -127,7 +134,24 @@ if drained then
 elseif #out > 0 then
   redis.call('LPOP', backlog, #out / 2)
 end
-return out
+return {out, drained and 0 or 1}
+"""
+
+# ARGV: (backlog list, wake-up list) pairs, then the wake-up TTL last. Wakes a queue's dispatcher
+# only when entries wait in its fair lists: with none there is nothing to refill, and a woken
+# dispatcher would only spend a refill (and the worker's CPU) finding that out.
+_NUDGE_SCRIPT = """
+local ttl = ARGV[#ARGV]
+local woken = 0
+for i = 1, #ARGV - 1, 2 do
+  if redis.call('LLEN', ARGV[i]) > 0 then
+    redis.call('LPUSH', ARGV[i + 1], '1')
+    redis.call('LTRIM', ARGV[i + 1], 0, 0)
+    redis.call('EXPIRE', ARGV[i + 1], ttl)
+    woken = woken + 1
+  end
+end
+return woken
 """
 
 # ARGV[1]: owner, ARGV[2]: TTL in ms. Takes a free lock or renews the owner's; 1 when held.
@@ -181,6 +205,7 @@ class FairQueues:
         self._enqueue = client.register_script(_ENQUEUE_SCRIPT)
         self._refill = client.register_script(_REFILL_SCRIPT)
         self._lock = client.register_script(_LOCK_SCRIPT)
+        self._nudge = client.register_script(_NUDGE_SCRIPT)
 
     def enqueue(self, jobs: Sequence[Job]) -> int:
         """Put queued jobs in their tenants' lists (one script call per queue) and wake the queue's
@@ -199,10 +224,17 @@ class FairQueues:
         recorded as dispatching in the same script: the caller sends their messages, then `sent`."""
         if room <= 0:
             return []
+        return self.take(queue, room, now)[0]
+
+    def take(self, queue: str, depth: int, now: float | None = None, *,
+             counted: Sequence[str] = ()) -> tuple[list[Dispatched], bool]:
+        """`refill` up to `depth` less the messages waiting in the `counted` lists (read in the same
+        script: a refill is one round trip), and whether entries still wait in the fair lists."""
         answer = self._refill(args=[k.fair_base_key(queue), k.fair_backlog_key(queue), k.FAIR_DISPATCHING_KEY,
-                                    k.TENANTS_KEY, room, repr(time.time() if now is None else now),
-                                    k.FAIR_STATE_TTL_S, *k.FAIR_STEPS])
-        return [parse_entry(answer[i], answer[i + 1]) for i in range(0, len(answer), 2)]
+                                    k.TENANTS_KEY, depth, repr(time.time() if now is None else now),
+                                    k.FAIR_STATE_TTL_S, len(counted), *counted, *k.FAIR_STEPS])
+        flat, waiting = answer[0], answer[1]
+        return [parse_entry(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)], bool(int(waiting))
 
     def sent(self, job_ids: Sequence[str]) -> None:
         """The messages of these dispatched jobs are on their Celery queue."""
@@ -225,15 +257,13 @@ class FairQueues:
         if (holder := self.redis.get(k.fair_lock_key(queue))) is not None and holder.decode() == owner:
             self.redis.delete(k.fair_lock_key(queue))
 
-    def nudge(self, queues: Sequence[str]) -> None:
-        """Wake the dispatchers of `queues`: a worker took a message, so there is room to refill
-        (without it a dispatcher behind a full queue looks again every `fair_poll_s`)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.lpush(k.fair_wake_key(queue), "1")
-                pipe.ltrim(k.fair_wake_key(queue), 0, 0)
-                pipe.expire(k.fair_wake_key(queue), k.FAIR_WAKE_TTL_S)
-            pipe.execute()
+    def nudge(self, queues: Sequence[str]) -> int:
+        """Wake the dispatchers of those of `queues` whose fair lists hold entries: a worker took a
+        message, so there is room to refill (without it a dispatcher behind a full queue looks again
+        every `fair_poll_s`). One script call; answers how many were woken. A queue with nothing
+        waiting is left asleep: an enqueue wakes its dispatcher itself."""
+        pairs = [key for queue in queues for key in (k.fair_backlog_key(queue), k.fair_wake_key(queue))]
+        return int(self._nudge(args=[*pairs, k.FAIR_WAKE_TTL_S])) if pairs else 0
 
     def wait_for_work(self, queue: str, timeout_s: float) -> bool:
         """Block until something is enqueued for `queue` (True) or `timeout_s` passes (False)."""

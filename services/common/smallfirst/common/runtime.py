@@ -224,10 +224,11 @@ class Dispatcher:
     """Feeds one Celery tier queue from its fair lists (fair.py): keeps about `depth` messages
     waiting at the fair priority steps, refilled by weighted deficit round robin over tenants.
 
-    `dispatch_once` is one refill: the room left (depth minus the messages waiting at the high,
-    normal and low steps; shadow samples, behind them all, do not count), one script call that
-    pops that many entries and records them as dispatching, the messages sent through the
-    publisher (one producer, pipelined), the records removed.
+    `dispatch_once` is one refill: one script call that reads the room left (depth minus the
+    messages waiting at the high, normal and low steps; shadow samples, behind them all, do not
+    count), pops that many entries and records them as dispatching; then the messages sent through
+    the publisher (one producer, pipelined), the records removed. The script also says whether
+    entries still wait (`waiting`), so the thread knows how soon to look again without asking.
     """
 
     def __init__(self, fair: FairQueues, publisher: Publisher, queue: str, *, depth: int) -> None:
@@ -237,15 +238,11 @@ class Dispatcher:
         self.depth = depth
         keys = k.priority_list_keys(queue)
         self._counted = tuple(keys[k.PRIORITY_STEPS.index(step)] for step in k.FAIR_STEPS)
-
-    def room(self) -> int:
-        with self.fair.redis.pipeline(transaction=False) as pipe:
-            for key in self._counted:
-                pipe.llen(key)
-            return self.depth - int(sum(pipe.execute()))
+        # Whether entries were left in the fair lists by the last refill (true until one ran).
+        self.waiting = True
 
     def dispatch_once(self, now: float | None = None) -> int:
-        entries = self.fair.refill(self.queue, self.room(), now)
+        entries, self.waiting = self.fair.take(self.queue, self.depth, now, counted=self._counted)
         if not entries:
             return 0
         self.publisher.dispatch(self.queue, entries)
@@ -259,10 +256,13 @@ class DispatcherThread(threading.Thread):
     lock with a TTL, renewed every round; a successor continues from the state in Redis).
 
     It blocks on the queue's wake-up list (an enqueue pushes to it, and so does a worker of the pool
-    as it starts a task, `worker_app`), so an unloaded job waits a round trip, not a poll interval,
-    and a full queue is refilled as soon as a worker takes a message; while a backlog waits behind a
-    full tier queue it also looks again every `poll_s`. A process that is not elected looks at the
-    lock every third of its TTL.
+    as it starts a task while entries wait in the fair lists, `worker_app`), so an unloaded job waits
+    a round trip, not a poll interval, and a full queue is refilled as soon as a worker takes a
+    message; while a backlog waits behind a full tier queue it also looks again every `poll_s`. A
+    refill that leaves nothing waiting goes straight back to the wake-up list (an enqueue after it
+    left its wake-up there), and a task start with nothing waiting does not wake the thread: an
+    unloaded job costs the dispatcher one refill, not three, beside the job's own threads. A process
+    that is not elected looks at the lock every third of its TTL.
     """
 
     def __init__(self, dispatcher: Dispatcher, *, owner: str, poll_s: float, lock_ttl_s: float,
@@ -288,11 +288,11 @@ class DispatcherThread(threading.Thread):
                         continue
                     renewed_at = time.monotonic()
                 moved = self.dispatcher.dispatch_once()
-                if moved:
+                if moved and self.dispatcher.waiting:
                     continue
-                # Nothing moved: the queue is full (look again soon while a backlog waits) or there is
-                # nothing to move (sleep until an enqueue wakes us).
-                fair.wait_for_work(queue, self.poll_s if fair.backlog(queue) else self.idle_s)
+                # The queue is full (look again soon while a backlog waits) or nothing is left to move
+                # (sleep until an enqueue wakes us: one that came after the refill left its wake-up).
+                fair.wait_for_work(queue, self.poll_s if self.dispatcher.waiting else self.idle_s)
             except (redis.RedisError, OSError) as exc:
                 log.warning("dispatcher %s: redis unavailable: %s", queue, exc)
                 self.stopping.wait(1.0)

@@ -185,7 +185,8 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
         fed = tuple(queue for queue in k.POOL_QUEUES.get(pool, ()) if queue in k.FAIR_QUEUES)
         if fed:
             def nudge_dispatchers(**_: object) -> None:
-                # A message left a queue this pool consumes: its dispatcher may refill at once.
+                # A message left a queue this pool consumes: its dispatcher may refill at once (woken
+                # only if entries wait in the fair lists: otherwise it has nothing to refill with).
                 try:
                     fair.nudge(fed)
                 except (redis.RedisError, OSError) as exc:
