@@ -38,8 +38,8 @@ from smallfirst.common import constants as k
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 2.0
-# A training example this similar to the input is the input itself (the trainer scores inputs it
-# has trained on): left out of the vote and the novelty when asked to.
+# A training example this similar to the input is the input itself (the trainer scores recent
+# inputs it has trained on, and leaves their own rows out).
 SELF_SIMILARITY = 1.0 - 1e-4
 
 
@@ -59,6 +59,17 @@ def knn_vote(similarities: np.ndarray, labels: np.ndarray, classes: int, k: int,
     return result / np.maximum(total, 1e-300)
 
 
+def blend_vote(linear: np.ndarray, similarities: np.ndarray, labels: np.ndarray, *, weight: float, k: int,
+               temperature: float) -> np.ndarray:
+    """A head's probabilities: the regression's (queries, classes), `weight` of them replaced by the
+    vote of the k nearest examples (`similarities` to examples of class `labels`)."""
+    if weight <= 0:
+        return linear
+    vote = knn_vote(similarities, labels, linear.shape[1], k, temperature)
+    result: np.ndarray = ((1.0 - weight) * linear + weight * vote).astype(np.float32)
+    return result
+
+
 @dataclass(frozen=True)
 class TrainedHead:
     version: int
@@ -76,23 +87,29 @@ class TrainedHead:
     knn_k: int = 10
     knn_temperature: float = 0.05
 
-    def scores(self, vectors: np.ndarray, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dimensions) -> the (n, classes) probabilities and the (n,) novelty, from one product
-        with the training examples. `exclude_self`: an example identical to the input is ignored."""
+    def similarities(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dimensions) -> the vectors as float32, and their (n, examples) cosine similarities
+        to the training examples."""
         matrix = vectors.astype(np.float32)
         unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-        similarities = unit @ self.support.T
-        if exclude_self:
-            similarities = np.where(similarities >= SELF_SIMILARITY, -1.0, similarities)
+        return matrix, unit @ self.support.T
+
+    def scores(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dimensions) -> the (n, classes) probabilities and the (n,) novelty, from one product
+        with the training examples."""
+        return self.scores_from(*self.similarities(vectors))
+
+    def scores_from(self, matrix: np.ndarray, similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`scores` of float32 vectors whose similarities to the training examples are known."""
         novelty: np.ndarray = (1.0 - similarities.max(axis=1) if similarities.shape[1]
                                else np.full(len(matrix), 2.0, dtype=np.float32))
         logits = matrix @ self.weights.T + self.bias
         logits -= logits.max(axis=1, keepdims=True)
         weights = np.exp(logits)
         probabilities: np.ndarray = weights / weights.sum(axis=1, keepdims=True)
-        if self.knn_weight > 0 and self.support_labels is not None:
-            vote = knn_vote(similarities, self.support_labels, len(self.classes), self.knn_k, self.knn_temperature)
-            probabilities = ((1.0 - self.knn_weight) * probabilities + self.knn_weight * vote).astype(np.float32)
+        if self.support_labels is not None:
+            probabilities = blend_vote(probabilities, similarities, self.support_labels, weight=self.knn_weight,
+                                       k=self.knn_k, temperature=self.knn_temperature)
         return probabilities, novelty
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ import redis
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import Catalog, Task
 from smallfirst.common.examples import Example, ExampleMemory, ExampleSource
-from smallfirst.small_worker.heads import SELF_SIMILARITY, TrainedHead, knn_vote, load_head, publish_head
+from smallfirst.small_worker.heads import SELF_SIMILARITY, TrainedHead, blend_vote, load_head, publish_head
 from smallfirst.small_worker.label_index import label_texts, text_digest
 
 log = logging.getLogger(__name__)
@@ -214,16 +214,6 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     return result
 
 
-def blend(linear: np.ndarray, similarities: np.ndarray, labels: np.ndarray, classes: int,
-          knn_weight: float = KNN_WEIGHT) -> np.ndarray:
-    """The head's probabilities: the regression's, blended with the nearest examples' vote."""
-    if knn_weight <= 0:
-        return linear
-    vote = knn_vote(similarities, labels, classes, KNN_K, KNN_TEMPERATURE)
-    result: np.ndarray = ((1.0 - knn_weight) * linear + knn_weight * vote).astype(np.float32)
-    return result
-
-
 def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int = FOLDS,
                            seed: int = 0, knn_weight: float = KNN_WEIGHT) -> np.ndarray:
     """Per example, the probabilities of a head fitted without it (stratified K-fold)."""
@@ -239,8 +229,8 @@ def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: in
         if not test.any():
             continue
         weights, bias = fit_head(x[~test], y[~test], classes)
-        probabilities[test] = blend(softmax_rows(x[test] @ weights.T + bias), x[test] @ x[~test].T, y[~test],
-                                    classes, knn_weight)
+        probabilities[test] = blend_vote(softmax_rows(x[test] @ weights.T + bias), x[test] @ x[~test].T, y[~test],
+                                         weight=knn_weight, k=KNN_K, temperature=KNN_TEMPERATURE)
     return probabilities
 
 
@@ -296,19 +286,20 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
     head = TrainedHead(version=version, classes=data.classes, weights=weights, bias=bias, support=data.x.copy(),
                        threshold=1.0, novelty_floor=2.0, support_labels=data.y.copy(), knn_weight=KNN_WEIGHT,
                        knn_k=KNN_K, knn_temperature=KNN_TEMPERATURE)
-    # Recent inputs that escalated are training examples too: their own row is left out of the
-    # vote, or the head would look sure of every input it was taught.
-    recent_scores = (head.scores(recent_inputs, exclude_self=True)
-                     if recent_inputs is not None and len(recent_inputs) else None)
-    recent_conf = recent_scores[0].max(axis=1) if recent_scores is not None else None
-    if recent_inputs is not None and recent_conf is not None:
+    recent_conf: np.ndarray | None = None
+    recent_novelty: np.ndarray | None = None
+    if recent_inputs is not None and len(recent_inputs):
+        matrix, similarities = head.similarities(recent_inputs)
+        nearest = similarities.argmax(axis=1)
+        same = similarities[np.arange(len(nearest)), nearest] >= SELF_SIMILARITY
+        # Recent inputs that escalated are training examples too: their own row is left out of the
+        # vote and the novelty, or the head would look sure of every input it was taught.
+        probabilities_recent, recent_novelty = head.scores_from(
+            matrix, np.where(similarities >= SELF_SIMILARITY, -1.0, similarities))
         # And the regression fitted on them is surer of them than of a new input: a recent input
         # that is a training example counts with its held-out confidence. Measured on Banking77,
         # without this the expected frontier share came out at 0.13 for an actual 0.19.
-        unit = recent_inputs / np.maximum(np.linalg.norm(recent_inputs, axis=1, keepdims=True), 1e-12)
-        similarities = unit.astype(np.float32) @ data.x.T
-        same = similarities.max(axis=1) >= SELF_SIMILARITY
-        recent_conf = np.where(same, confidence[similarities.argmax(axis=1)], recent_conf)
+        recent_conf = np.where(same, confidence[nearest], probabilities_recent.max(axis=1))
     alpha = 1.0 - task.learning.confidence_level
     on_stream = recent_conf is not None and len(recent_conf) >= MIN_RECENT_INPUTS
     if target is not None and on_stream:
@@ -346,10 +337,10 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
         "threshold": round(threshold, 6),
         "novelty_floor": round(floor, 6),
     }
-    if recent_inputs is not None and recent_scores is not None and recent_conf is not None:
-        escalated = (recent_conf < threshold) | (recent_scores[1] > floor)
+    if recent_conf is not None and recent_novelty is not None:
+        escalated = (recent_conf < threshold) | (recent_novelty > floor)
         metrics["expected_frontier_share"] = round(float(escalated.mean()), 4)
-        metrics["expected_frontier_share_inputs"] = len(recent_inputs)
+        metrics["expected_frontier_share_inputs"] = len(recent_conf)
     # The guard's evidence: examples newer than everything the live head was trained on.
     trained_until = float(live.meta.get("trained_until", 0.0)) if live is not None else 0.0
     fresh = calibration & (data.sources != ExampleSource.SEED.value) & (data.created_at > trained_until)
