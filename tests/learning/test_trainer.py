@@ -115,6 +115,39 @@ def test_the_threshold_on_the_stream_weights_the_calibration_curve_by_the_stream
     assert choose_threshold_on_stream(confidence, correct, stream, target=0.999).kept == 0
 
 
+def test_stream_inputs_whose_answer_is_known_count_as_they_are_not_as_the_curve_says() -> None:
+    # given: a curve right 99% of the time at 0.95 and always at 0.99, and a stream of 500 inputs
+    # at 0.99 and 500 at 0.95, 200 of which escalated and are known to be answered wrongly
+    rng = np.random.default_rng(5)
+    confidence = np.concatenate([np.full(1000, 0.95), np.full(1000, 0.99)])
+    correct = np.concatenate([rng.random(1000) < 0.99, np.ones(1000, dtype=bool)])
+    stream = np.concatenate([np.full(500, 0.99), np.full(500, 0.95)])
+    known = np.concatenate([np.full(800, -1), np.zeros(200, dtype=np.int64)])
+    # when: the known answers are given, and when they are not
+    with_known = choose_threshold_on_stream(confidence, correct, stream, target=0.97, stream_correct=known)
+    by_curve = choose_threshold_on_stream(confidence, correct, stream, target=0.97)
+    # then: the curve alone would keep the inputs at 0.95 (about 0.995 expected), the known wrong
+    # answers bring them to about 0.8, so only the confident half is kept
+    assert by_curve.threshold == pytest.approx(0.95)
+    assert with_known.threshold == pytest.approx(0.99)
+    assert with_known.kept == 500
+
+
+def test_the_bound_is_wider_with_fewer_calibration_examples() -> None:
+    # given: the same 97.5% accurate curve measured on 200 and on 20,000 examples
+    rng = np.random.default_rng(11)
+    stream = np.full(1000, 0.9)
+
+    def bound(examples: int) -> float:
+        confidence = np.full(examples, 0.9)
+        correct = rng.random(examples) < 0.975
+        return choose_threshold_on_stream(confidence, correct, stream, target=0.5).lower_bound
+
+    # when / then: the lower bound is further below 0.975 with few examples
+    assert bound(200) < bound(20_000) - 0.005
+    assert 0.96 < bound(20_000) < 0.976
+
+
 def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_url: str) -> None:
     # given: a task with seeds and 40 frontier-labelled examples, and a worker's head cache that
     # has already looked (no head yet)

@@ -1,0 +1,271 @@
+"""bench/routing.py's protocol replayed offline on the trainer's own code, in minutes instead of an hour.
+
+    .venv/bin/python bench/routing_replay.py [--messages 6000] [--chunk 100] [--embeddings PATH]
+
+What it keeps of the real run: the same catalog (67 intents with 10 seeds and a description,
+`out_of_scope` with a description), the same held-out intents and stream order, vLLM's embeddings of
+every text (computed once with the inference service's engine settings and cached in --embeddings),
+the seed scorer as the small worker runs it (best similarity per label, softmax at 0.05,
+min_confidence 0.5), a trained head's gate (threshold and novelty floor), the example memory's
+contents (every escalation's frontier answer), the recent-input list, and the trainer's `train_head`,
+publish rule and guard, run every `retrain_every` new examples. What it leaves out: Redis, the API,
+the workers and the head's propagation delay (a head goes live for the chunk after its training),
+so it is a tool for choosing the head's method, and bench/routing.py stays the measurement.
+
+The last line is one JSON object with bench/routing.py's keys for the learning task and the seed
+scorer, measured on the same stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.routing import (
+    DATASET,
+    LEARN_TASK,
+    OUT_OF_SCOPE,
+    catalog,
+    load_dataset,
+    stream_rows,
+)
+from smallfirst.common.catalog import load_catalog
+from smallfirst.common.examples import ExampleSource
+from smallfirst.small_worker import trainer as tr
+from smallfirst.small_worker.heads import TrainedHead
+from smallfirst.small_worker.label_index import label_texts
+
+SEED_TEMPERATURE = 0.05
+SEED_MIN_CONFIDENCE = 0.5
+
+
+def embeddings(texts: list[str], path: Path) -> dict[str, np.ndarray]:
+    cached: dict[str, np.ndarray] = {}
+    if path.exists():
+        data = np.load(path, allow_pickle=False)
+        cached = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
+    missing = [t for t in dict.fromkeys(texts) if t not in cached]
+    if missing:
+        from vllm import LLM
+
+        from smallfirst.inference.models import bundled_embedding_model_path
+
+        llm = LLM(model=str(bundled_embedding_model_path()), runner="pooling", enforce_eager=True, dtype="bfloat16",
+                  kv_cache_memory_bytes=2**30)
+        for text, output in zip(missing, llm.embed(missing), strict=True):
+            cached[text] = np.asarray(output.outputs.embedding, dtype=np.float32)
+        names = list(cached)
+        np.savez(path, texts=np.array(names), vectors=np.stack([cached[t] for t in names]))
+    return cached
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    result: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return result
+
+
+def figures(right: list[bool], kept: list[bool], held: list[bool], said_oos: list[bool]) -> dict[str, Any]:
+    def part(lo: int, hi: int) -> tuple[float, float, float]:
+        r, kp = right[lo:hi], kept[lo:hi]
+        kr = [a for a, b in zip(r, kp, strict=True) if b]
+        return sum(r) / len(r), 1 - sum(kp) / len(kp), sum(kr) / max(1, len(kr))
+
+    n = len(right)
+    acc, fs, ka = part(0, n)
+    la, lf, lk = part(n * 2 // 3, n)
+    oos = [not kp or s for kp, s, h in zip(kept, said_oos, held, strict=True) if h]
+    ins = [not kp for kp, h in zip(kept, held, strict=True) if not h]
+    return {"accuracy": round(acc, 4), "frontier_share": round(fs, 4), "kept_accuracy": round(ka, 4),
+            "last_third_accuracy": round(la, 4), "last_third_frontier_share": round(lf, 4),
+            "last_third_kept_accuracy": round(lk, 4),
+            "oos_escalated": round(sum(oos) / max(1, len(oos)), 4),
+            "inscope_escalated": round(sum(ins) / max(1, len(ins)), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=6000)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--held-out-intents", type=int, default=10)
+    parser.add_argument("--target-accuracy", type=float, default=0.97)
+    parser.add_argument("--retrain-every", type=int, default=100)
+    parser.add_argument("--shadow-rate", type=float, default=0.0)
+    parser.add_argument("--frontier-error-share", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--embeddings", type=Path, default=Path("/tmp/smallfirst-banking77-embeddings.npz"))
+    parser.add_argument("--confidence-level", type=float, default=None)
+    parser.add_argument("--verbose", action="store_true")
+    # Saves the training data, recent inputs and the next 1,000 messages at training N, and stops,
+    # for looking at one training closely.
+    parser.add_argument("--dump-at", type=int, default=0)
+    parser.add_argument("--dump-path", type=Path, default=Path("/tmp/smallfirst-routing-replay.npz"))
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    intents, per_intent = load_dataset(DATASET)
+    held_set = set(rng.sample(intents, args.held_out_intents))
+    in_scope = [i for i in intents if i not in held_set]
+    rows = stream_rows(intents, per_intent, args.messages)
+    truth = [OUT_OF_SCOPE if intent in held_set else intent for _, intent in rows]
+    choices = [*in_scope, OUT_OF_SCOPE]
+    frontier_label = []
+    for label in truth:
+        if rng.random() < args.frontier_error_share:
+            label = rng.choice([c for c in choices if c != label])
+        frontier_label.append(label)
+    held = [intent in held_set for _, intent in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "catalog.yaml"
+        path.write_text(yaml.safe_dump(catalog(in_scope, per_intent, args)))
+        task = load_catalog(path).get(LEARN_TASK)
+    assert task is not None
+    if args.confidence_level is not None:
+        task = task.model_copy(update={"learning": task.learning.model_copy(
+            update={"confidence_level": args.confidence_level})})
+
+    seed_texts = [t for label in task.labels for t in label_texts(label)]
+    vectors = embeddings(seed_texts + [text for text, _ in rows], args.embeddings)
+    names = task.label_names
+    index = {name: i for i, name in enumerate(names)}
+    seed_x = unit(np.stack([vectors[t] for t in seed_texts]))
+    seed_y = np.array([index[label.name] for label in task.labels for _ in label_texts(label)])
+    seed_sources = np.array([ExampleSource.SEED.value if t in label.examples else "description"
+                             for label in task.labels for t in label_texts(label)])
+    stream_x = unit(np.stack([vectors[text] for text, _ in rows]))
+    stream_y = np.array([index[t] for t in truth])
+
+    def seed_scores(x: np.ndarray) -> np.ndarray:
+        sims = x @ seed_x.T
+        best = np.full((len(x), len(names)), -1.0)
+        for c in range(len(names)):
+            best[:, c] = sims[:, seed_y == c].max(axis=1)
+        z = best / SEED_TEMPERATURE
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        result: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return result
+
+    # The seed scorer on the whole stream (it does not learn).
+    seed_p = seed_scores(stream_x)
+    seed_pred, seed_conf = seed_p.argmax(axis=1), seed_p.max(axis=1)
+    seed_kept = seed_conf >= SEED_MIN_CONFIDENCE
+    seed_right = np.where(seed_kept, seed_pred == stream_y, True)
+    seed_fig = figures(seed_right.tolist(), seed_kept.tolist(), held,
+                       (seed_kept & (seed_pred == index[OUT_OF_SCOPE])).tolist())
+
+    examples_x: list[np.ndarray] = []
+    examples_y: list[int] = []
+    examples_src: list[str] = []
+    examples_t: list[float] = []
+    recent: list[np.ndarray] = []
+    live: TrainedHead | None = None
+    trained_at_added = 0
+    versions = published = 0
+    right: list[bool] = []
+    kept: list[bool] = []
+    said_oos: list[bool] = []
+    log: list[dict[str, Any]] = []
+    clock = 1.0
+    started = time.perf_counter()
+    for start in range(0, len(rows), args.chunk):
+        end = min(len(rows), start + args.chunk)
+        x = stream_x[start:end]
+        if live is not None:
+            probabilities, novelty = live.scores(x)
+            pred, conf = probabilities.argmax(axis=1), probabilities.max(axis=1)
+            keep = (conf >= live.threshold) & (novelty <= live.novelty_floor)
+        else:
+            p = seed_scores(x)
+            pred, conf = p.argmax(axis=1), p.max(axis=1)
+            keep = conf >= SEED_MIN_CONFIDENCE
+        for j in range(end - start):
+            i = start + j
+            clock += 1.0
+            recent.insert(0, stream_x[i])
+            if keep[j]:
+                right.append(bool(pred[j] == stream_y[i]))
+                kept.append(True)
+                said_oos.append(bool(pred[j] == index[OUT_OF_SCOPE]))
+                if args.shadow_rate and rng.random() < args.shadow_rate:
+                    examples_x.append(stream_x[i])
+                    examples_y.append(index[frontier_label[i]])
+                    examples_src.append(ExampleSource.SHADOW.value)
+                    examples_t.append(clock)
+            else:
+                right.append(frontier_label[i] == truth[i])
+                kept.append(False)
+                said_oos.append(False)
+                examples_x.append(stream_x[i])
+                examples_y.append(index[frontier_label[i]])
+                examples_src.append(ExampleSource.FRONTIER.value)
+                examples_t.append(clock)
+        del recent[2000:]
+        added = len(examples_y)
+        due = (added - trained_at_added >= task.learning.retrain_every
+               or (trained_at_added == 0 and added >= task.learning.min_examples > 0))
+        if not due:
+            continue
+        trained_at_added = added
+        versions += 1
+        data = tr.TrainingData(
+            x=np.concatenate([seed_x, np.stack(examples_x)]).astype(np.float32),
+            y=np.concatenate([seed_y, np.array(examples_y)]), sources=np.concatenate([seed_sources, examples_src]),
+            created_at=np.concatenate([np.zeros(len(seed_y)), np.array(examples_t)]), classes=names)
+        if args.dump_at and versions == args.dump_at:
+            future = slice(end, end + 1000)
+            np.savez(args.dump_path, x=data.x, y=data.y, sources=data.sources, created_at=data.created_at,
+                     recent=np.stack(recent), recent_y=stream_y[max(0, end - len(recent)):end][::-1],
+                     future_x=stream_x[future], future_y=stream_y[future], classes=np.array(names))
+            return
+        head, metrics = tr.train_head(data, task, live, version=versions, recent_inputs=np.stack(recent), now=clock)
+        go = metrics["calibration_kept_share"] > 0.0 and not (
+            live is not None and metrics.get("live_fresh_accuracy") is not None and tr.worse_than_live(metrics))
+        if go:
+            live = head
+            published += 1
+        # What this head would have done on the next chunks, for the log.
+        entry = {"at": end, "version": versions, "live": go, "threshold": metrics["threshold"],
+                 "expected_share": metrics.get("expected_frontier_share"), "floor": metrics["novelty_floor"],
+                 "examples": metrics["examples"], "training_s": metrics["training_s"],
+                 "held_out_accuracy": metrics["held_out_accuracy"], "sharpness": metrics.get("sharpness"),
+                 "share_so_far": round(1 - sum(kept[-args.chunk * 5:]) / len(kept[-args.chunk * 5:]), 3)}
+        if args.verbose and end < len(rows):
+            # Diagnosis only (the future is not the trainer's to see): what the head does on the next
+            # messages, and the threshold an oracle would choose there for the target.
+            future = slice(end, min(len(rows), end + 1000))
+            p_f, n_f = head.scores(stream_x[future])
+            c_f, ok_f = p_f.max(axis=1), p_f.argmax(axis=1) == stream_y[future]
+            keep_f = (c_f >= head.threshold) & (n_f <= head.novelty_floor)
+            entry["next_share"] = round(1 - float(keep_f.mean()), 3)
+            entry["next_kept_acc"] = round(float(ok_f[keep_f].mean()), 4) if keep_f.any() else None
+            order = np.argsort(-c_f)
+            acc = np.cumsum(ok_f[order]) / np.arange(1, len(order) + 1)
+            good = np.flatnonzero(acc >= args.target_accuracy)
+            if len(good):
+                t_star = float(c_f[order][good[-1]])
+                entry["oracle_threshold"] = round(t_star, 3)
+                entry["oracle_share"] = round(1 - float(((c_f >= t_star) & (n_f <= head.novelty_floor)).mean()), 3)
+            entry["novelty_escalated"] = round(float((n_f > head.novelty_floor).mean()), 3)
+        log.append(entry)
+        if args.verbose:
+            print(json.dumps(entry), flush=True)
+    learned = figures(right, kept, held, said_oos)
+    learned["model_versions"] = published
+    learned["model_trainings"] = versions
+    print(json.dumps({"bench": "routing_replay", "messages": len(rows), "elapsed_s": round(time.perf_counter()
+                                                                                            - started, 1),
+                      **learned, "seed_scorer": seed_fig}))
+
+
+if __name__ == "__main__":
+    main()
