@@ -6,6 +6,10 @@ so that these tests run without an inference server; tests/e2e/test_learning.py 
 
 from __future__ import annotations
 
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+
 import numpy as np
 import pytest
 import redis
@@ -18,6 +22,7 @@ from smallfirst.small_worker.heads import HeadCache, TrainedHead, load_head, pub
 from smallfirst.small_worker.label_index import label_texts, text_digest
 from smallfirst.small_worker.trainer import (
     Trainer,
+    TrainingProcess,
     choose_threshold,
     choose_threshold_on_stream,
     clopper_pearson_lower,
@@ -173,6 +178,37 @@ def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_u
     assert CLASSES[int(probabilities.argmax())] == "beta"
     assert head.meta["metrics"]["learned_examples"] == 40
     assert not trainer.due(task)
+
+
+def test_training_runs_in_a_child_process_that_is_replaced_after_it_dies(redis_url: str) -> None:
+    # given: a trainer whose fits run in a training process, and a task with enough examples
+    client = redis.Redis.from_url(redis_url)
+    task, clusters = synthetic_task(), Clusters()
+    store_seed_vectors(client, task, clusters)
+    memory = ExampleMemory(client)
+    for i in range(40):
+        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    process = TrainingProcess()
+    trainer = Trainer(client, embedder=None, fit=process)
+    try:
+        # when: it trains
+        first = trainer.train(task)
+        # then: the head was fitted in another process and published from this one
+        assert first.published, first.reason
+        children = list(process._pool._processes.values())
+        assert len(children) == 1
+        assert children[0].pid != os.getpid()
+        # when: the child is killed, the next training fails with it, and the one after succeeds
+        os.kill(children[0].pid, signal.SIGKILL)
+        children[0].join(timeout=10)
+        with pytest.raises(BrokenProcessPool):
+            trainer.train(task)
+        again = trainer.train(task)
+        # then
+        assert again.published, again.reason
+        assert load_head(client, task.name, MODEL) is not None
+    finally:
+        process.close()
 
 
 def test_a_head_worse_than_the_live_one_on_new_examples_never_goes_live(redis_url: str) -> None:

@@ -43,7 +43,7 @@ from smallfirst.small_worker.inference_client import (
 )
 from smallfirst.small_worker.learning_metrics import record_training
 from smallfirst.small_worker.native_threads import limit_native_threads, register_native_threads_collector
-from smallfirst.small_worker.trainer import Trainer, TrainerThread
+from smallfirst.small_worker.trainer import Trainer, TrainerThread, TrainingProcess
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,9 @@ def build_runtime(settings: SmallWorkerSettings, app: Celery) -> SmallRuntime:
         # that task's index (one build per task and process), as it would have built it itself.
         threading.Thread(target=executor.warm_label_indexes, args=(execution.catalog.tasks(),),
                          name="warm-label-indexes", daemon=True).start()
-    return SmallRuntime(execution=execution, executor=executor, prices=prices, trainer=Trainer(client, inference))
+    # The trainer's fits run in a child process (TrainingProcess), off this process's interpreter lock.
+    trainer = Trainer(client, inference, fit=TrainingProcess())
+    return SmallRuntime(execution=execution, executor=executor, prices=prices, trainer=trainer)
 
 
 def make_worker_app(settings: SmallWorkerSettings) -> Celery:
@@ -170,3 +172,7 @@ def install_trainer(runtime: PoolBootstrap[SmallRuntime], interval_s: float) -> 
     def stop_trainer(**_: object) -> None:
         for thread in threads:
             thread.stop()
+        if threads:
+            fit = runtime.get().trainer.fit
+            if isinstance(fit, TrainingProcess):
+                fit.close()
