@@ -163,6 +163,8 @@ def install_trainer(runtime: PoolBootstrap[SmallRuntime], interval_s: float) -> 
     @signals.worker_ready.connect(weak=False)
     def start_trainer(**_: object) -> None:
         built = runtime.get()
+        if isinstance(built.trainer.fit, TrainingProcess):
+            built.trainer.fit.start()
         thread = TrainerThread(built.trainer, built.execution.catalog, interval_s=interval_s,
                                on_report=record_training)
         thread.start()
