@@ -2,7 +2,8 @@
 
 A thread of the small pool (`TrainerThread`) looks at every task that learns each `interval_s`;
 when `retrain_every` examples arrived since the last training, it trains under a Redis lock (one
-trainer per task at a time across every pool process):
+trainer per task at a time across every pool process), the numeric steps 2-5 in a child process
+of its own (`TrainingProcess`):
 
 1. Data: the seeds (the catalog's label texts) plus the example memory's trusted examples, each
    with its embedding under the task's small model (from the example memory, the small tier's
