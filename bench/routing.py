@@ -32,6 +32,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,9 @@ def run(stack: Stack, rows: list[tuple[str, str]], chunk: int, truth: list[str],
     return jobs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The protocol's options, shared with bench/routing_replay.py."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--held-out-intents", type=int, default=10)
@@ -169,13 +171,42 @@ def main() -> None:
     # Shadow samples are frontier calls too (counted by the simulator, not in frontier_share).
     parser.add_argument("--shadow-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=13)
-    args = parser.parse_args()
+    return parser
+
+
+@dataclass
+class Protocol:
+    per_intent: dict[str, list[str]]
+    held: set[str]  # the intents held out of the catalog (out of scope)
+    in_scope: list[str]
+    rows: list[tuple[str, str]]  # (text, intent) in stream order
+    truth: list[str]  # the right answer of each row
+    frontier_labels: list[str]  # what the frontier answers for each row
+    wrong: int  # how many of those are wrong (--frontier-error-share)
+
+
+def protocol(args: argparse.Namespace) -> Protocol:
+    """The held-out intents, the stream and the frontier's answers, all drawn from `args.seed`."""
     rng = random.Random(args.seed)
     intents, per_intent = load_dataset(DATASET)
     held = set(rng.sample(intents, args.held_out_intents))
     in_scope = [i for i in intents if i not in held]
     rows = stream_rows(intents, per_intent, args.messages)
     truth = [OUT_OF_SCOPE if intent in held else intent for _, intent in rows]
+    choices = [*in_scope, OUT_OF_SCOPE]
+    answers = []
+    for label in truth:
+        if rng.random() < args.frontier_error_share:
+            label = rng.choice([c for c in choices if c != label])
+        answers.append(label)
+    return Protocol(per_intent, held, in_scope, rows, truth, answers,
+                    sum(a != t for a, t in zip(answers, truth, strict=True)))
+
+
+def main() -> None:
+    args = protocol_arguments(__doc__).parse_args()
+    p = protocol(args)
+    per_intent, held, in_scope, rows, truth = p.per_intent, p.held, p.in_scope, p.rows, p.truth
 
     from smallfirst.inference.models import bundled_embedding_model_path
 
@@ -183,15 +214,10 @@ def main() -> None:
         workdir = Path(tmp)
         (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog(in_scope, per_intent, args)))
         labels_path = workdir / "labels.csv"
-        choices = [*in_scope, OUT_OF_SCOPE]
-        wrong = 0
         with labels_path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
-            for (text, _), label in zip(rows, truth, strict=True):
-                if rng.random() < args.frontier_error_share:
-                    label = rng.choice([c for c in choices if c != label])
-                    wrong += 1
+            for (text, _), label in zip(rows, p.frontier_labels, strict=True):
                 writer.writerow([text, label])
         config = StackConfig(workdir=workdir, catalog_path=workdir / "catalog.yaml",
                              frontier_sim_args=["--strategy", "oracle", "--labels", str(labels_path)],
@@ -230,7 +256,7 @@ def main() -> None:
           flush=True)
     print(json.dumps({"bench": "routing", "messages": len(rows), "chunk": args.chunk,
                       "held_out_intents": sorted(held), "frontier_error_share": args.frontier_error_share,
-                      "frontier_wrong_labels": wrong, "elapsed_s": round(elapsed_s, 1), **learned,
+                      "frontier_wrong_labels": p.wrong, "elapsed_s": round(elapsed_s, 1), **learned,
                       "seed_scorer": seed, "learned_vs_seed": ratios}))
 
 

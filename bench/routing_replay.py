@@ -18,7 +18,6 @@ scorer, measured on the same stream.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -33,12 +32,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.routing import (
-    DATASET,
     LEARN_TASK,
     OUT_OF_SCOPE,
     catalog,
-    load_dataset,
-    stream_rows,
+    protocol,
+    protocol_arguments,
 )
 from smallfirst.common.catalog import load_catalog
 from smallfirst.common.examples import ExampleSource
@@ -94,15 +92,7 @@ def figures(right: list[bool], kept: list[bool], held: list[bool], said_oos: lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=6000)
-    parser.add_argument("--chunk", type=int, default=100)
-    parser.add_argument("--held-out-intents", type=int, default=10)
-    parser.add_argument("--target-accuracy", type=float, default=0.97)
-    parser.add_argument("--retrain-every", type=int, default=100)
-    parser.add_argument("--shadow-rate", type=float, default=0.0)
-    parser.add_argument("--frontier-error-share", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=13)
+    parser = protocol_arguments(__doc__)
     parser.add_argument("--embeddings", type=Path, default=Path("/tmp/smallfirst-banking77-embeddings.npz"))
     parser.add_argument("--confidence-level", type=float, default=None)
     parser.add_argument("--verbose", action="store_true")
@@ -111,19 +101,11 @@ def main() -> None:
     parser.add_argument("--dump-at", type=int, default=0)
     parser.add_argument("--dump-path", type=Path, default=Path("/tmp/smallfirst-routing-replay.npz"))
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    intents, per_intent = load_dataset(DATASET)
-    held_set = set(rng.sample(intents, args.held_out_intents))
-    in_scope = [i for i in intents if i not in held_set]
-    rows = stream_rows(intents, per_intent, args.messages)
-    truth = [OUT_OF_SCOPE if intent in held_set else intent for _, intent in rows]
-    choices = [*in_scope, OUT_OF_SCOPE]
-    frontier_label = []
-    for label in truth:
-        if rng.random() < args.frontier_error_share:
-            label = rng.choice([c for c in choices if c != label])
-        frontier_label.append(label)
-    held = [intent in held_set for _, intent in rows]
+    drawn = protocol(args)
+    per_intent, in_scope, rows, truth = drawn.per_intent, drawn.in_scope, drawn.rows, drawn.truth
+    frontier_label = drawn.frontier_labels
+    held = [intent in drawn.held for _, intent in rows]
+    rng = random.Random(args.seed + 1)  # shadow draws
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "catalog.yaml"
         path.write_text(yaml.safe_dump(catalog(in_scope, per_intent, args)))

@@ -77,6 +77,16 @@ def record(memory: ExampleMemory, task: Task, clusters: Clusters, job_id: str, t
                   vector=clusters.sample(true_label).tobytes())
 
 
+def task_with_examples(client: redis.Redis, count: int) -> tuple[Task, Clusters]:
+    """The synthetic task with its seeds' vectors stored and `count` frontier-labelled examples."""
+    task, clusters = synthetic_task(), Clusters()
+    store_seed_vectors(client, task, clusters)
+    memory = ExampleMemory(client)
+    for i in range(count):
+        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    return task, clusters
+
+
 @pytest.mark.parametrize(("correct", "wrong_below", "target", "expected"), [
     # 300 right answers above 0.6, 100 wrong ones below: every right one kept, plus the few wrong
     # ones the bound can afford
@@ -157,11 +167,7 @@ def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_u
     # given: a task with seeds and 40 frontier-labelled examples, and a worker's head cache that
     # has already looked (no head yet)
     client = redis.Redis.from_url(redis_url)
-    task, clusters = synthetic_task(), Clusters()
-    store_seed_vectors(client, task, clusters)
-    memory = ExampleMemory(client)
-    for i in range(40):
-        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    task, clusters = task_with_examples(client, 40)
     cache = HeadCache(client, poll_interval_s=0.0)
     assert cache.get(task.name, MODEL) is None
     trainer = Trainer(client, embedder=None)
@@ -183,11 +189,7 @@ def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_u
 def test_training_runs_in_a_child_process_that_is_replaced_after_it_dies(redis_url: str) -> None:
     # given: a trainer whose fits run in a training process, and a task with enough examples
     client = redis.Redis.from_url(redis_url)
-    task, clusters = synthetic_task(), Clusters()
-    store_seed_vectors(client, task, clusters)
-    memory = ExampleMemory(client)
-    for i in range(40):
-        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    task, _ = task_with_examples(client, 40)
     process = TrainingProcess()
     trainer = Trainer(client, embedder=None, fit=process)
     try:
