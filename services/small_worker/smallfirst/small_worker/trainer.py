@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import secrets
 import threading
 import time
@@ -223,6 +222,15 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     return result
 
 
+def fitted_on(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int,
+              knn_weight: float = KNN_WEIGHT) -> np.ndarray:
+    """The probabilities, for the examples outside the mask `train`, of a head fitted on those in it."""
+    weights, bias = fit_head(x[train], y[train], classes)
+    test = x[~train]
+    return blend_vote(softmax_rows(test @ weights.T + bias), test @ x[train].T, y[train], weight=knn_weight,
+                      k=KNN_K, temperature=KNN_TEMPERATURE)
+
+
 def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int = FOLDS,
                            seed: int = 0, knn_weight: float = KNN_WEIGHT) -> np.ndarray:
     """Per example, the probabilities of a head fitted without it (stratified K-fold)."""
@@ -237,9 +245,7 @@ def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: in
         test = fold_of == fold
         if not test.any():
             continue
-        weights, bias = fit_head(x[~test], y[~test], classes)
-        probabilities[test] = blend_vote(softmax_rows(x[test] @ weights.T + bias), x[test] @ x[~test].T, y[~test],
-                                         weight=knn_weight, k=KNN_K, temperature=KNN_TEMPERATURE)
+        probabilities[test] = fitted_on(x, y, ~test, classes, knn_weight)
     return probabilities
 
 
@@ -256,10 +262,7 @@ def held_out_on(x: np.ndarray, y: np.ndarray, classes: int, rows: np.ndarray, ha
             continue
         train = np.ones(len(y), dtype=bool)
         train[test] = False
-        weights, bias = fit_head(x[train], y[train], classes)
-        probabilities = blend_vote(softmax_rows(x[test] @ weights.T + bias), x[test] @ x[train].T, y[train],
-                                   weight=KNN_WEIGHT, k=KNN_K, temperature=KNN_TEMPERATURE)
-        predicted[part == h] = probabilities.argmax(axis=1)
+        predicted[part == h] = fitted_on(x, y, train, classes).argmax(axis=1)
     return predicted
 
 
@@ -443,7 +446,7 @@ def _train_head_alone(*args: Any, **kwargs: Any) -> tuple[TrainedHead, dict[str,
         return train_head(*args, **kwargs)
 
 
-def _warm_up() -> int:
+def _warm_up() -> None:
     """Imports what a training needs and fits a tiny head, so the first real training does not pay
     for it (on the routing bench, the first head took 70 s instead of 4 s and went live a thousand
     messages late)."""
@@ -454,9 +457,7 @@ def _warm_up() -> int:
     held_out_probabilities(x, y, 3, folds=2)
     accuracy_curve(np.linspace(0, 1, 30), y == 0)(np.array([0.5]))
     clopper_pearson_lower(29, 30)
-    from scipy.stats import binomtest, norm  # noqa: F401
-
-    return os.getpid()
+    from scipy.stats import binomtest  # noqa: F401
 
 
 class TrainingProcess:
