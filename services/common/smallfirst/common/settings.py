@@ -67,3 +67,6 @@ class CoreSettings(BaseSettings):
 
     log_json: bool = True
     log_level: str = "INFO"
+    # Celery's own INFO line as each task is received and as it ends (a worker's job transitions
+    # are in the job's events and metrics either way).
+    log_task_lines: bool = False

@@ -122,7 +122,8 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
     threads pool (a prefork pool would need prometheus_client's multiprocess mode).
     """
     service = POOL_SERVICE_NAMES.get(pool, f"smallfirst-{pool}-worker")
-    telemetry.install_worker_logging(service, level=settings.log_level, json=settings.log_json)
+    telemetry.install_worker_logging(service, level=settings.log_level, json=settings.log_json,
+                                     task_lines=settings.log_task_lines)
     telemetry.install_worker_telemetry(service, instrument=[telemetry.instrument_redis, *instrument])
 
     class PoolHeartbeat(HeartbeatStep):

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Texts per Embed call when filling the cache.
 EMBED_BATCH = 128
+# Label sets whose digest is remembered (a catalog's tasks; forgotten all at once past this, as after
+# many catalog reloads).
+MAX_REMEMBERED_LABEL_SETS = 1024
 
 
 def label_texts(label: Label) -> tuple[str, ...]:
@@ -91,15 +94,14 @@ class LabelIndexCache:
         self._indexes: dict[tuple[str, str], LabelIndex] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._fingerprints: dict[int, tuple[Sequence[Label], list[tuple[str, ...]], str]] = {}
 
     def get(self, model: str, labels: Sequence[Label], dimensions: int) -> LabelIndex:
         """The index of `labels` under `model`, whose vectors have `dimensions` components.
 
         Cached vectors of another width are recomputed: the model behind the name was replaced.
         """
-        texts_by_label = [label_texts(label) for label in labels]
-        fingerprint = text_digest(repr([(label.name, texts) for label, texts in zip(labels, texts_by_label,
-                                                                                     strict=True)]))
+        texts_by_label, fingerprint = self._fingerprint(labels)
         key = (model, fingerprint)
         index = self._indexes.get(key)
         if index is not None and index.dimensions == dimensions:
@@ -112,6 +114,23 @@ class LabelIndexCache:
                 index = self._build(model, labels, texts_by_label, dimensions)
                 self._indexes[key] = index
         return index
+
+    def _fingerprint(self, labels: Sequence[Label]) -> tuple[list[tuple[str, ...]], str]:
+        """The labels' texts and their digest, remembered for the very object a task holds: the
+        digest hashes every label text (2,772 of them in a 308-label task), once per catalog load
+        rather than once per job."""
+        known = self._fingerprints.get(id(labels))
+        if known is not None and known[0] is labels:
+            return known[1], known[2]
+        texts_by_label = [label_texts(label) for label in labels]
+        fingerprint = text_digest(repr([(label.name, texts) for label, texts in zip(labels, texts_by_label,
+                                                                                     strict=True)]))
+        with self._guard:
+            if len(self._fingerprints) >= MAX_REMEMBERED_LABEL_SETS:
+                self._fingerprints.clear()
+            # The entry holds the object itself, so its id cannot be reused while the entry lives.
+            self._fingerprints[id(labels)] = (labels, texts_by_label, fingerprint)
+        return texts_by_label, fingerprint
 
     def _build(self, model: str, labels: Sequence[Label], texts_by_label: list[tuple[str, ...]],
                dimensions: int) -> LabelIndex:
