@@ -86,6 +86,8 @@ class SmallRuntime:
     executor: SmallTierExecutor
     prices: PriceTable
     trainer: Trainer
+    # The child process the trainer's fits run in (started with the trainer thread, closed with it).
+    training: TrainingProcess
 
     def run(self, job_id: str, task_id: str) -> None:
         with self.execution.claimed(job_id, Tier.SMALL, task_id) as ctx:
@@ -140,8 +142,9 @@ def build_runtime(settings: SmallWorkerSettings, app: Celery) -> SmallRuntime:
         threading.Thread(target=executor.warm_label_indexes, args=(execution.catalog.tasks(),),
                          name="warm-label-indexes", daemon=True).start()
     # The trainer's fits run in a child process (TrainingProcess), off this process's interpreter lock.
-    trainer = Trainer(client, inference, fit=TrainingProcess())
-    return SmallRuntime(execution=execution, executor=executor, prices=prices, trainer=trainer)
+    training = TrainingProcess()
+    return SmallRuntime(execution=execution, executor=executor, prices=prices,
+                        trainer=Trainer(client, inference, fit=training), training=training)
 
 
 def make_worker_app(settings: SmallWorkerSettings) -> Celery:
@@ -163,8 +166,7 @@ def install_trainer(runtime: PoolBootstrap[SmallRuntime], interval_s: float) -> 
     @signals.worker_ready.connect(weak=False)
     def start_trainer(**_: object) -> None:
         built = runtime.get()
-        if isinstance(built.trainer.fit, TrainingProcess):
-            built.trainer.fit.start()
+        built.training.start()
         thread = TrainerThread(built.trainer, built.execution.catalog, interval_s=interval_s,
                                on_report=record_training)
         thread.start()
@@ -175,6 +177,4 @@ def install_trainer(runtime: PoolBootstrap[SmallRuntime], interval_s: float) -> 
         for thread in threads:
             thread.stop()
         if threads:
-            fit = runtime.get().trainer.fit
-            if isinstance(fit, TrainingProcess):
-                fit.close()
+            runtime.get().training.close()
