@@ -8,7 +8,8 @@ every text (computed once with the inference service's engine settings and cache
 the seed scorer as the small worker runs it (best similarity per label, softmax at 0.05,
 min_confidence 0.5), a trained head's gate (threshold and novelty floor), the example memory's
 contents (every escalation's frontier answer), the recent-input list, and the trainer's `train_head`,
-publish rule and guard, run every `retrain_every` new examples. What it leaves out: Redis, the API,
+publish rule and guard, run every `retrain_every` new examples (and on the seeds alone before the
+first chunk, as the catalog's `min_examples` is 0). What it leaves out: Redis, the API,
 the workers and the head's propagation delay (a head goes live for the chunk after its training),
 so it is a tool for choosing the head's method, and bench/routing.py stays the measurement.
 
@@ -38,6 +39,7 @@ from bench.routing import (
     protocol,
     protocol_arguments,
 )
+from smallfirst.common import constants as k
 from smallfirst.common.catalog import load_catalog
 from smallfirst.common.examples import ExampleSource
 from smallfirst.small_worker import trainer as tr
@@ -84,11 +86,13 @@ def figures(right: list[bool], kept: list[bool], held: list[bool], said_oos: lis
     la, lf, lk = part(n * 2 // 3, n)
     oos = [not kp or s for kp, s, h in zip(kept, said_oos, held, strict=True) if h]
     ins = [not kp for kp, h in zip(kept, held, strict=True) if not h]
+    last_ins = [not kp for kp, h in zip(kept[n * 2 // 3:], held[n * 2 // 3:], strict=True) if not h]
     return {"accuracy": round(acc, 4), "frontier_share": round(fs, 4), "kept_accuracy": round(ka, 4),
             "last_third_accuracy": round(la, 4), "last_third_frontier_share": round(lf, 4),
             "last_third_kept_accuracy": round(lk, 4),
             "oos_escalated": round(sum(oos) / max(1, len(oos)), 4),
-            "inscope_escalated": round(sum(ins) / max(1, len(ins)), 4)}
+            "inscope_escalated": round(sum(ins) / max(1, len(ins)), 4),
+            "last_third_inscope_escalated": round(sum(last_ins) / max(1, len(last_ins)), 4)}
 
 
 def main() -> None:
@@ -151,7 +155,7 @@ def main() -> None:
     examples_t: list[float] = []
     recent: list[np.ndarray] = []
     live: TrainedHead | None = None
-    trained_at_added = 0
+    trained_at_added: int | None = None  # examples at the last training; None: never trained
     versions = published = 0
     right: list[bool] = []
     kept: list[bool] = []
@@ -159,7 +163,66 @@ def main() -> None:
     log: list[dict[str, Any]] = []
     clock = 1.0
     started = time.perf_counter()
+    def train(end: int) -> None:
+        nonlocal trained_at_added, versions, published, live
+        added = len(examples_y)
+        # As `Trainer.due`: a task never trained waits for `min_examples` (0: trained on the seeds
+        # before the first job), then trains every `retrain_every` new examples.
+        due = (added >= task.learning.min_examples if trained_at_added is None
+               else added - trained_at_added >= task.learning.retrain_every)
+        if not due:
+            return
+        trained_at_added = added
+        versions += 1
+        learned_x = np.stack(examples_x) if examples_x else np.zeros((0, seed_x.shape[1]), dtype=np.float32)
+        recent_x = np.stack(recent) if recent else None
+        data = tr.TrainingData(
+            x=np.concatenate([seed_x, learned_x]).astype(np.float32),
+            y=np.concatenate([seed_y, np.array(examples_y, dtype=np.int64)]),
+            sources=np.concatenate([seed_sources, examples_src]),
+            created_at=np.concatenate([np.zeros(len(seed_y)), np.array(examples_t, dtype=np.float64)]), classes=names)
+        if args.dump_at and versions == args.dump_at:
+            future = slice(end, end + 1000)
+            np.savez(args.dump_path, x=data.x, y=data.y, sources=data.sources, created_at=data.created_at,
+                     recent=recent_x if recent_x is not None else np.zeros((0, seed_x.shape[1])),
+                     recent_y=stream_y[max(0, end - len(recent)):end][::-1],
+                     future_x=stream_x[future], future_y=stream_y[future], classes=np.array(names))
+            raise SystemExit(0)
+        head, metrics = tr.train_head(data, task, live, version=versions, recent_inputs=recent_x, now=clock)
+        go = metrics["calibration_kept_share"] > 0.0 and not (
+            live is not None and metrics.get("live_fresh_accuracy") is not None and tr.worse_than_live(metrics))
+        if go:
+            live = head
+            published += 1
+        # What this head would have done on the next chunks, for the log.
+        entry = {"at": end, "version": versions, "live": go, "threshold": metrics["threshold"],
+                 "expected_share": metrics.get("expected_frontier_share"), "floor": metrics["novelty_floor"],
+                 "examples": metrics["examples"], "training_s": metrics["training_s"],
+                 "held_out_accuracy": metrics["held_out_accuracy"], "sharpness": metrics.get("sharpness"),
+                 "share_so_far": round(1 - sum(kept[-args.chunk * 5:]) / max(1, len(kept[-args.chunk * 5:])), 3)}
+        if args.verbose and end < len(rows):
+            # Diagnosis only (the future is not the trainer's to see): what the head does on the next
+            # messages, and the threshold an oracle would choose there for the target.
+            future = slice(end, min(len(rows), end + 1000))
+            p_f, n_f = head.scores(stream_x[future])
+            c_f, ok_f = p_f.max(axis=1), p_f.argmax(axis=1) == stream_y[future]
+            keep_f = (c_f >= head.threshold) & (n_f <= head.novelty_floor)
+            entry["next_share"] = round(1 - float(keep_f.mean()), 3)
+            entry["next_kept_acc"] = round(float(ok_f[keep_f].mean()), 4) if keep_f.any() else None
+            order = np.argsort(-c_f)
+            acc = np.cumsum(ok_f[order]) / np.arange(1, len(order) + 1)
+            good = np.flatnonzero(acc >= args.target_accuracy)
+            if len(good):
+                t_star = float(c_f[order][good[-1]])
+                entry["oracle_threshold"] = round(t_star, 3)
+                entry["oracle_share"] = round(1 - float(((c_f >= t_star) & (n_f <= head.novelty_floor)).mean()), 3)
+            entry["novelty_escalated"] = round(float((n_f > head.novelty_floor).mean()), 3)
+        log.append(entry)
+        if args.verbose:
+            print(json.dumps(entry), flush=True)
+
     for start in range(0, len(rows), args.chunk):
+        train(start)
         end = min(len(rows), start + args.chunk)
         x = stream_x[start:end]
         if live is not None:
@@ -191,56 +254,7 @@ def main() -> None:
                 examples_y.append(index[frontier_label[i]])
                 examples_src.append(ExampleSource.FRONTIER.value)
                 examples_t.append(clock)
-        del recent[2000:]
-        added = len(examples_y)
-        due = (added - trained_at_added >= task.learning.retrain_every
-               or (trained_at_added == 0 and added >= task.learning.min_examples > 0))
-        if not due:
-            continue
-        trained_at_added = added
-        versions += 1
-        data = tr.TrainingData(
-            x=np.concatenate([seed_x, np.stack(examples_x)]).astype(np.float32),
-            y=np.concatenate([seed_y, np.array(examples_y)]), sources=np.concatenate([seed_sources, examples_src]),
-            created_at=np.concatenate([np.zeros(len(seed_y)), np.array(examples_t)]), classes=names)
-        if args.dump_at and versions == args.dump_at:
-            future = slice(end, end + 1000)
-            np.savez(args.dump_path, x=data.x, y=data.y, sources=data.sources, created_at=data.created_at,
-                     recent=np.stack(recent), recent_y=stream_y[max(0, end - len(recent)):end][::-1],
-                     future_x=stream_x[future], future_y=stream_y[future], classes=np.array(names))
-            return
-        head, metrics = tr.train_head(data, task, live, version=versions, recent_inputs=np.stack(recent), now=clock)
-        go = metrics["calibration_kept_share"] > 0.0 and not (
-            live is not None and metrics.get("live_fresh_accuracy") is not None and tr.worse_than_live(metrics))
-        if go:
-            live = head
-            published += 1
-        # What this head would have done on the next chunks, for the log.
-        entry = {"at": end, "version": versions, "live": go, "threshold": metrics["threshold"],
-                 "expected_share": metrics.get("expected_frontier_share"), "floor": metrics["novelty_floor"],
-                 "examples": metrics["examples"], "training_s": metrics["training_s"],
-                 "held_out_accuracy": metrics["held_out_accuracy"], "sharpness": metrics.get("sharpness"),
-                 "share_so_far": round(1 - sum(kept[-args.chunk * 5:]) / len(kept[-args.chunk * 5:]), 3)}
-        if args.verbose and end < len(rows):
-            # Diagnosis only (the future is not the trainer's to see): what the head does on the next
-            # messages, and the threshold an oracle would choose there for the target.
-            future = slice(end, min(len(rows), end + 1000))
-            p_f, n_f = head.scores(stream_x[future])
-            c_f, ok_f = p_f.max(axis=1), p_f.argmax(axis=1) == stream_y[future]
-            keep_f = (c_f >= head.threshold) & (n_f <= head.novelty_floor)
-            entry["next_share"] = round(1 - float(keep_f.mean()), 3)
-            entry["next_kept_acc"] = round(float(ok_f[keep_f].mean()), 4) if keep_f.any() else None
-            order = np.argsort(-c_f)
-            acc = np.cumsum(ok_f[order]) / np.arange(1, len(order) + 1)
-            good = np.flatnonzero(acc >= args.target_accuracy)
-            if len(good):
-                t_star = float(c_f[order][good[-1]])
-                entry["oracle_threshold"] = round(t_star, 3)
-                entry["oracle_share"] = round(1 - float(((c_f >= t_star) & (n_f <= head.novelty_floor)).mean()), 3)
-            entry["novelty_escalated"] = round(float((n_f > head.novelty_floor).mean()), 3)
-        log.append(entry)
-        if args.verbose:
-            print(json.dumps(entry), flush=True)
+        del recent[k.RECENT_INPUTS_KEPT:]
     learned = figures(right, kept, held, said_oos)
     learned["model_versions"] = published
     learned["model_trainings"] = versions

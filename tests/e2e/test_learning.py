@@ -15,10 +15,12 @@ import redis
 import yaml
 
 from smallfirst.cli.stack import Stack, StackConfig
+from smallfirst.common import constants as k
 from smallfirst.common.catalog import Task, default_catalog_path, load_catalog
 from smallfirst.common.examples import Example, ExampleMemory, ExampleSource
 from smallfirst.common.tenants import TenantRegistry
 from smallfirst.small_worker.heads import TrainedHead, publish_head
+from smallfirst.small_worker.label_index import text_digest
 from tests.e2e.conftest import submit_and_wait
 from tests.inference_fixtures import InferenceServerHandle
 from tests.support.procs import require_binary
@@ -150,3 +152,8 @@ def test_an_escalated_jobs_frontier_answer_becomes_an_example_with_its_vector(st
     later = submit_and_wait(client, {"task": TASK, "input": {"text": ESCALATED[2]}})
     assert wait_for_example(ExampleMemory(store), task, later["id"]) is not None
     assert ExampleMemory(store).get(task, opted["id"]) is None
+    # and its input is not among the recent inputs that the trainer labels and learns from, which
+    # the taught jobs' inputs are
+    assert store.get(k.input_vector_key(MODEL, text_digest(ESCALATED[1]))) is None
+    recent = set(store.lrange(k.recent_inputs_key(TASK, MODEL), 0, -1))
+    assert store.get(k.input_vector_key(MODEL, text_digest(ESCALATED[2]))) in recent

@@ -21,11 +21,15 @@ from smallfirst.common.jobs import Job, RouteDecision, RouteReason, Tier
 from smallfirst.small_worker.heads import HeadCache, TrainedHead, load_head, publish_head
 from smallfirst.small_worker.label_index import label_texts, text_digest
 from smallfirst.small_worker.trainer import (
+    SELF_LABELLED,
     Trainer,
+    TrainingData,
     TrainingProcess,
     choose_threshold,
     choose_threshold_on_stream,
     clopper_pearson_lower,
+    self_labelled,
+    train_head,
     worse_than_live,
 )
 
@@ -46,7 +50,7 @@ def synthetic_task(**policy: object) -> Task:
     labels = tuple(Label(name=name, examples=tuple(f"{name} seed {i}" for i in range(5))) for name in CLASSES)
     return Task.model_validate({
         "name": "synthetic", "kind": "classify", "labels": [label.model_dump() for label in labels],
-        "learning": LearningPolicy(enabled=True, min_examples=30, retrain_every=10, **policy).model_dump(),
+        "learning": LearningPolicy(**{"enabled": True, "min_examples": 30, "retrain_every": 10, **policy}).model_dump(),
         "small": {"model": MODEL}, "frontier": {"model": "claude-haiku-5-5"}})
 
 
@@ -184,6 +188,73 @@ def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_u
     assert CLASSES[int(probabilities.argmax())] == "beta"
     assert head.meta["metrics"]["learned_examples"] == 40
     assert not trainer.due(task)
+
+
+def test_a_task_without_a_minimum_gets_its_first_head_from_its_seeds_before_any_example(redis_url: str) -> None:
+    # given: a task that learns with min_examples 0, its seeds' vectors stored, no example yet
+    client = redis.Redis.from_url(redis_url)
+    task, clusters = synthetic_task(min_examples=0), Clusters()
+    store_seed_vectors(client, task, clusters)
+    trainer = Trainer(client, embedder=None)
+    # when
+    assert trainer.due(task)
+    report = trainer.train(task)
+    # then: a head trained on the seeds alone is live, and the next one waits for retrain_every examples
+    assert report.published, report.reason
+    assert report.metrics["learned_examples"] == 0
+    assert report.metrics["examples"] == sum(len(label_texts(label)) for label in task.labels)
+    assert not trainer.due(task)
+    memory = ExampleMemory(client)
+    for i in range(task.learning.retrain_every - 1):
+        record(memory, task, clusters, f"job_{i}", CLASSES[i % 3])
+    assert not trainer.due(task)
+    record(memory, task, clusters, "job_last", "alpha")
+    assert trainer.due(task)
+
+
+def sure_head(clusters: Clusters, *, novelty_floor: float) -> TrainedHead:
+    """A live head that answers each cluster's class, surely near its centre."""
+    return TrainedHead(version=1, classes=CLASSES, weights=(30 * clusters.centers).astype(np.float32),
+                       bias=np.zeros(3, dtype=np.float32), support=clusters.centers.astype(np.float32),
+                       threshold=0.5, novelty_floor=novelty_floor, meta={"trained_until": 100.0})
+
+
+def test_recent_inputs_the_live_head_is_sure_of_become_examples_under_its_answer() -> None:
+    # given: training data of 30 labelled examples and the recent inputs: 12 near a cluster's centre
+    # (one of them twice), one that already is a training example, one half-way between two
+    # clusters (unsure), and one unlike anything (beyond the novelty floor)
+    clusters = Clusters()
+    labelled = [CLASSES[i % 3] for i in range(30)]
+    data = TrainingData(x=np.stack([clusters.sample(label) for label in labelled]),
+                        y=np.array([CLASSES.index(label) for label in labelled]),
+                        sources=np.full(30, ExampleSource.FRONTIER.value), created_at=np.arange(30) + 1.0,
+                        classes=CLASSES)
+    sure = [clusters.sample(CLASSES[i % 3]) for i in range(12)]
+    between = clusters.centers[0] + clusters.centers[1]
+    unlike = np.linalg.qr(clusters.rng.normal(size=(DIMS, DIMS)))[0][:, 0]
+    unlike -= clusters.centers.T @ (clusters.centers @ unlike)
+    recent = np.stack([*sure, sure[0], data.x[4], between / np.linalg.norm(between),
+                       unlike / np.linalg.norm(unlike)]).astype(np.float32)
+    live = sure_head(clusters, novelty_floor=0.5)
+    # when
+    taught = self_labelled(data, live, recent)
+    # then: the 12 sure inputs, once each, under the live head's answers, never news for the guard
+    added = taught.sources == SELF_LABELLED
+    assert added.sum() == 12
+    assert [CLASSES[i] for i in taught.y[added]] == [CLASSES[i % 3] for i in range(12)]
+    assert (taught.created_at[added] == 0).all()
+    assert np.array_equal(taught.x[:30], data.x)
+    # and a head trained with them counts them apart from the labelled examples and never judges by them
+    task = synthetic_task(min_examples=0)
+    head, metrics = train_head(data, task, live, version=2, recent_inputs=recent, now=200.0)
+    assert metrics["self_labelled_examples"] == 12
+    # (they train its regression; only labelled examples vote and set the novelty)
+    assert len(head.support) == 30
+    assert metrics["learned_examples"] == 30
+    assert metrics["examples"] == 30 + 12
+    assert metrics["fresh_examples"] == 0  # none newer than the live head's trained_until
+    # and without a live head nothing is self-labelled
+    assert self_labelled(data, None, recent) is data
 
 
 def test_training_runs_in_a_child_process_that_is_replaced_after_it_dies(redis_url: str) -> None:

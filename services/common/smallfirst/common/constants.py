@@ -419,12 +419,15 @@ INPUT_VECTOR_TTL_S: Final = 6 * 3600
 
 
 def recent_inputs_key(task: str, model: str) -> str:
-    """List: the vectors of the task's latest inputs (capped at RECENT_INPUTS_KEPT, TTL as the input
-    vectors), on which the trainer estimates a new head's frontier share."""
+    """List: the vectors of the task's latest inputs that may teach it (capped at RECENT_INPUTS_KEPT,
+    TTL as the input vectors), on which the trainer estimates a new head's frontier share and which
+    the live head's sure answers label for the next head."""
     return f"{KEY_PREFIX}head:{task}:{model}:recent-inputs"
 
 
-RECENT_INPUTS_KEPT: Final = 2000
+# 6,000 vectors of 384 floats are 9 MB a task: the trainer labels three times as many inputs with
+# the live head's sure answers than with 2,000, and estimates the frontier share on more of them.
+RECENT_INPUTS_KEPT: Final = 6000
 
 
 def head_next_version_key(task: str, model: str) -> str:

@@ -153,14 +153,16 @@ class SmallTierExecutor:
             scorer = self._head_scorers[id(head)] = HeadScores(head)
         return scorer
 
-    def run(self, task: Task, job_input: dict[str, str]) -> SmallAnswer:
+    def run(self, task: Task, job_input: dict[str, str], *, learn: bool = True) -> SmallAnswer:
+        """`learn`: whether the job may teach its task (see `examples.learns_from`); the input of one
+        that may not is never kept for training."""
         missing = [name for name in task.input_fields if name not in job_input]
         if missing:
             raise SmallTierTaskError(f"task {task.name}: input lacks field(s) {missing}")
         started = time.perf_counter()
         if task.kind is TaskKind.CLASSIFY:
             if self._client.model_info(task.small.model).kind == "embed":
-                answer = self._classify_by_embedding(task, job_input)
+                answer = self._classify_by_embedding(task, job_input, learn=learn)
             else:
                 answer = self._classify_by_generation(task, job_input)
         elif task.kind is TaskKind.EXTRACT:
@@ -170,7 +172,7 @@ class SmallTierExecutor:
         return replace(answer, latency_ms=(time.perf_counter() - started) * 1e3)
 
     # ---- classify ---------------------------------------------------------------------------------
-    def _classify_by_embedding(self, task: Task, job_input: dict[str, str]) -> SmallAnswer:
+    def _classify_by_embedding(self, task: Task, job_input: dict[str, str], *, learn: bool = True) -> SmallAnswer:
         model = task.small.model
         text = "\n".join(job_input[name] for name in task.input_fields)
         dimensions = self._client.model_info(model).embedding_dimensions
@@ -191,8 +193,9 @@ class SmallTierExecutor:
         if embedded.vector.shape[0] != dimensions or embedded.scores is None:
             raise InferenceFailed(f"{model} returned {embedded.vector.shape[0]} dimensions, expected {dimensions}")
         gate: LearnedGate | None = None
-        if task.learns:
-            # The trainer reuses it should this job escalate and its frontier answer become an example.
+        if task.learns and learn:
+            # The trainer reuses it should this job escalate and its frontier answer become an example,
+            # and it may label it with the live head's answer to train the next head.
             remember_input_vector(self._cache, task.name, model, text_digest(text), embedded.vector)
         if isinstance(scorer, HeadScores):
             names = scorer.names

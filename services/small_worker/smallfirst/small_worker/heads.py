@@ -205,7 +205,8 @@ class HeadCache:
 
 def remember_input_vector(client: redis.Redis, task: str, model: str, text_sha256: str, vector: np.ndarray) -> None:
     """Keep the input's vector briefly, so that the trainer can use it if the job escalates, and
-    among the task's recent inputs, on which the trainer estimates a head's frontier share."""
+    among the task's recent inputs, on which the trainer estimates a head's frontier share and which
+    the live head's sure answers label for the next head. Only for a job that may teach its task."""
     raw = vector.astype(np.float32).tobytes()
     with client.pipeline(transaction=False) as pipe:
         pipe.set(k.input_vector_key(model, text_sha256), raw, ex=k.INPUT_VECTOR_TTL_S)

@@ -18,6 +18,7 @@ from smallfirst.common import constants as k
 from smallfirst.common import telemetry
 from smallfirst.common.catalog import Task
 from smallfirst.common.errors import SmallfirstError
+from smallfirst.common.examples import learns_from
 from smallfirst.common.execution import JobExecution
 from smallfirst.common.jobs import Tier
 from smallfirst.common.outcome import AttemptResult
@@ -92,12 +93,13 @@ class SmallRuntime:
     def run(self, job_id: str, task_id: str) -> None:
         with self.execution.claimed(job_id, Tier.SMALL, task_id) as ctx:
             if ctx is not None:
-                self.execution.finish(ctx, self.attempt(ctx.task, ctx.job.input))
+                self.execution.finish(ctx, self.attempt(ctx.task, ctx.job.input,
+                                                        learn=learns_from(ctx.job, ctx.task)))
 
-    def attempt(self, task: Task, job_input: dict[str, str]) -> AttemptResult:
+    def attempt(self, task: Task, job_input: dict[str, str], *, learn: bool = True) -> AttemptResult:
         """Answer on the small tier and judge the answer; what that means is the outcome function's."""
         try:
-            answer = self.executor.run(task, job_input)
+            answer = self.executor.run(task, job_input, learn=learn)
         except SmallfirstError as exc:
             return AttemptResult.failed(exc)
         with telemetry.validation_span(Tier.SMALL.value) as span:
