@@ -377,10 +377,11 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
     # Per recent input: 1 or 0 where it is a labelled training example (right or wrong held out), else -1.
     recent_known: np.ndarray | None = None
     if recent_inputs is not None and len(recent_inputs):
-        matrix, similarities = head.similarities(recent_inputs)
-        # The nearest training example of each, self-labelled rows included (those are not in the
-        # head's support).
+        matrix = recent_inputs.astype(np.float32)
+        # Similarities to every training example, self-labelled rows included, for the nearest one;
+        # the head's support (its vote and novelty) is the rest of the columns.
         to_data = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12) @ data.x.T
+        similarities = to_data[:, votes]
         nearest = to_data.argmax(axis=1)
         same = to_data[np.arange(len(nearest)), nearest] >= SELF_SIMILARITY
         # Recent inputs that escalated are training examples too: their own row is left out of the
