@@ -104,7 +104,14 @@ def main() -> None:
     # for looking at one training closely.
     parser.add_argument("--dump-at", type=int, default=0)
     parser.add_argument("--dump-path", type=Path, default=Path("/tmp/smallfirst-routing-replay.npz"))
+    # Tries another value of one of the trainer's constants (repeatable), e.g. --set FOLDS=10.
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        if not hasattr(tr, name):
+            parser.error(f"--set: the trainer has no constant {name}")
+        setattr(tr, name, type(getattr(tr, name))(value))
     drawn = protocol(args)
     per_intent, in_scope, rows, truth = drawn.per_intent, drawn.in_scope, drawn.rows, drawn.truth
     frontier_label = drawn.frontier_labels
@@ -187,6 +194,10 @@ def main() -> None:
                      recent=recent_x if recent_x is not None else np.zeros((0, seed_x.shape[1])),
                      recent_y=stream_y[max(0, end - len(recent)):end][::-1],
                      future_x=stream_x[future], future_y=stream_y[future], classes=np.array(names))
+            if live is not None:
+                import pickle
+
+                args.dump_path.with_suffix(".live.pickle").write_bytes(pickle.dumps(live))
             raise SystemExit(0)
         head, metrics = tr.train_head(data, task, live, version=versions, recent_inputs=recent_x, now=clock)
         go = metrics["calibration_kept_share"] > 0.0 and not (
