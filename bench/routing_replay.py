@@ -43,7 +43,7 @@ from smallfirst.common import constants as k
 from smallfirst.common.catalog import load_catalog
 from smallfirst.common.examples import ExampleSource
 from smallfirst.small_worker import trainer as tr
-from smallfirst.small_worker.heads import TrainedHead
+from smallfirst.small_worker.heads import TrainedHead, unit_rows
 from smallfirst.small_worker.label_index import label_texts
 
 SEED_TEMPERATURE = 0.05
@@ -68,11 +68,6 @@ def embeddings(texts: list[str], path: Path) -> dict[str, np.ndarray]:
         names = list(cached)
         np.savez(path, texts=np.array(names), vectors=np.stack([cached[t] for t in names]))
     return cached
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    result: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return result
 
 
 def figures(right: list[bool], kept: list[bool], held: list[bool], said_oos: list[bool]) -> dict[str, Any]:
@@ -130,11 +125,11 @@ def main() -> None:
     vectors = embeddings(seed_texts + [text for text, _ in rows], args.embeddings)
     names = task.label_names
     index = {name: i for i, name in enumerate(names)}
-    seed_x = unit(np.stack([vectors[t] for t in seed_texts]))
+    seed_x = unit_rows(np.stack([vectors[t] for t in seed_texts]))
     seed_y = np.array([index[label.name] for label in task.labels for _ in label_texts(label)])
     seed_sources = np.array([ExampleSource.SEED.value if t in label.examples else "description"
                              for label in task.labels for t in label_texts(label)])
-    stream_x = unit(np.stack([vectors[text] for text, _ in rows]))
+    stream_x = unit_rows(np.stack([vectors[text] for text, _ in rows]))
     stream_y = np.array([index[t] for t in truth])
 
     def seed_scores(x: np.ndarray) -> np.ndarray:

@@ -70,6 +70,12 @@ def blend_vote(linear: np.ndarray, similarities: np.ndarray, labels: np.ndarray,
     return result
 
 
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero), for cosine similarities by products."""
+    result: np.ndarray = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    return result
+
+
 @dataclass(frozen=True)
 class TrainedHead:
     version: int
@@ -91,8 +97,7 @@ class TrainedHead:
         """(n, dimensions) -> the vectors as float32, and their (n, examples) cosine similarities
         to the training examples."""
         matrix = vectors.astype(np.float32)
-        unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-        return matrix, unit @ self.support.T
+        return matrix, unit_rows(matrix) @ self.support.T
 
     def scores(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, dimensions) -> the (n, classes) probabilities and the (n,) novelty, from one product

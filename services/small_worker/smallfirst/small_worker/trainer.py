@@ -58,7 +58,14 @@ import redis
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import Catalog, Task
 from smallfirst.common.examples import Example, ExampleMemory, ExampleSource
-from smallfirst.small_worker.heads import SELF_SIMILARITY, TrainedHead, blend_vote, load_head, publish_head
+from smallfirst.small_worker.heads import (
+    SELF_SIMILARITY,
+    TrainedHead,
+    blend_vote,
+    load_head,
+    publish_head,
+    unit_rows,
+)
 from smallfirst.small_worker.label_index import label_texts, text_digest
 
 log = logging.getLogger(__name__)
@@ -312,16 +319,19 @@ class TrainingData:
 
 
 def self_labelled(data: TrainingData, live: TrainedHead | None, recent_inputs: np.ndarray | None,
-                  min_confidence: float = SELF_LABEL_CONFIDENCE) -> TrainingData:
+                  min_confidence: float = SELF_LABEL_CONFIDENCE, *,
+                  similarities: np.ndarray | None = None) -> TrainingData:
     """`data` plus the recent inputs that `live` answers with at least `min_confidence` and within
     its novelty floor, each under that answer, as `SELF_LABELLED` examples (created at 0, so that
-    they never count as news for the guard). Inputs that already are training examples are skipped."""
+    they never count as news for the guard). Inputs that already are training examples are skipped.
+    `similarities`: the recent inputs' (as unit rows) similarities to `data.x`, if the caller has them."""
     if live is None or recent_inputs is None or not len(recent_inputs):
         return data
-    recent_inputs = recent_inputs / np.maximum(np.linalg.norm(recent_inputs, axis=1, keepdims=True), 1e-12)
+    recent_inputs = unit_rows(recent_inputs)
     index = {name: i for i, name in enumerate(data.classes)}
-    known = (recent_inputs @ data.x.T).max(axis=1) >= SELF_SIMILARITY if len(data.x) else np.zeros(
-        len(recent_inputs), dtype=bool)
+    if similarities is None:
+        similarities = recent_inputs @ data.x.T
+    known = similarities.max(axis=1) >= SELF_SIMILARITY if len(data.x) else np.zeros(len(recent_inputs), dtype=bool)
     probabilities, novelty = live.scores(recent_inputs)
     answer = probabilities.argmax(axis=1)
     to_class = np.array([index.get(name, -1) for name in live.classes])[answer]
@@ -353,7 +363,12 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
     """Fit, calibrate and measure a head on `data`; the caller decides whether it goes live."""
     started = time.perf_counter()
     classes = len(data.classes)
-    data = self_labelled(data, live, recent_inputs, SELF_LABEL_CONFIDENCE)
+    # The recent inputs' similarities to the given examples, for the self-labels and the threshold.
+    matrix = recent_inputs.astype(np.float32) if recent_inputs is not None and len(recent_inputs) else None
+    unit_recent = unit_rows(matrix) if matrix is not None else None
+    to_given = unit_recent @ data.x.T if unit_recent is not None else None
+    given = len(data.x)
+    data = self_labelled(data, live, matrix, SELF_LABEL_CONFIDENCE, similarities=to_given)
     # Self-labelled rows train the regression only: in the vote and the novelty they would answer a
     # new input like a kept one by its own earlier answer, right or wrong, and the held-out answers
     # of the labelled examples near them would look right through them. Measured on the Banking77
@@ -381,11 +396,12 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
     recent_novelty: np.ndarray | None = None
     # Per recent input: 1 or 0 where it is a labelled training example (right or wrong held out), else -1.
     recent_known: np.ndarray | None = None
-    if recent_inputs is not None and len(recent_inputs):
-        matrix = recent_inputs.astype(np.float32)
-        # Similarities to every training example, self-labelled rows included, for the nearest one;
-        # the head's support (its vote and novelty) is the rest of the columns.
-        to_data = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12) @ data.x.T
+    if matrix is not None and unit_recent is not None and to_given is not None:
+        # Similarities to every training example, self-labelled rows included (their columns after
+        # the given examples'), for the nearest one; the head's support (its vote and novelty) is
+        # the rest of the columns.
+        to_data = (to_given if len(data.x) == given
+                   else np.concatenate([to_given, unit_recent @ data.x[given:].T], axis=1))
         similarities = to_data[:, votes]
         nearest = to_data.argmax(axis=1)
         same = to_data[np.arange(len(nearest)), nearest] >= SELF_SIMILARITY
@@ -429,14 +445,13 @@ def train_head(data: TrainingData, task: Task, live: TrainedHead | None, *, vers
     in_scope = calibration & (np.array([data.classes[i] != oos for i in data.y]) if oos else True)
     novelty = held_out_novelty(data.x[votes], np.flatnonzero(in_scope[votes]))
     floor = float(np.quantile(novelty, NOVELTY_QUANTILE)) if len(novelty) else 2.0
-    learned = data.sources != ExampleSource.SEED.value
-    learned &= data.sources != "description"
+    learned = ~np.isin(data.sources, (ExampleSource.SEED.value, "description", SELF_LABELLED))
     shadow = data.sources == ExampleSource.SHADOW.value
     shadow_kept = shadow & (confidence >= threshold)
     head = replace(head, threshold=threshold, novelty_floor=floor)
     metrics: dict[str, Any] = {
         "examples": len(data.y),
-        "learned_examples": int((learned & (data.sources != SELF_LABELLED)).sum()),
+        "learned_examples": int(learned.sum()),
         "self_labelled_examples": int((data.sources == SELF_LABELLED).sum()),
         "held_out_accuracy": round(float(correct[calibration].mean()), 4) if calibration.any() else None,
         "kept_accuracy_held_out": round(choice.kept_correct / choice.kept, 4) if choice.kept else None,
@@ -661,9 +676,8 @@ class Trainer:
         example_vectors = (np.stack([np.frombuffer(v, dtype=np.float32) for v in stored if v is not None])
                            if examples else np.zeros((0, seed_vectors.shape[1]), dtype=np.float32))
         x = np.concatenate([seed_vectors, example_vectors]).astype(np.float32)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return TrainingData(
-            x=x, y=np.array(seed_labels + [index[e.label] for e in examples], dtype=np.int64),
+            x=unit_rows(x), y=np.array(seed_labels + [index[e.label] for e in examples], dtype=np.int64),
             sources=np.array(seed_sources + [e.source.value for e in examples]),
             created_at=np.array([0.0] * len(seed_texts) + [e.created_at for e in examples]), classes=classes)
 
