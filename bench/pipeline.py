@@ -157,26 +157,27 @@ def stack_processes(stack: Stack) -> dict[str, list[psutil.Process]]:
     return found
 
 
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds (user and system) each component has used so far, its children included."""
+    totals: dict[str, float] = {}
+    for name, procs in processes.items():
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        totals[name] = total
+    return totals
+
+
 def idle_cpu(stack: Stack, seconds: float) -> tuple[float, dict[str, float]]:
     """Percent of one core used by each component (with its children) over `seconds` of no work."""
     processes = stack_processes(stack)
-
-    def cpu_s() -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for name, procs in processes.items():
-            total = 0.0
-            for proc in procs:
-                try:
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-                except psutil.Error:
-                    continue
-            totals[name] = total
-        return totals
-
-    before, started = cpu_s(), time.perf_counter()
+    before, started = cpu_seconds(processes), time.perf_counter()
     time.sleep(seconds)
-    after, elapsed = cpu_s(), time.perf_counter() - started
+    after, elapsed = cpu_seconds(processes), time.perf_counter() - started
     per = {name: round(100 * (after[name] - before.get(name, after[name])) / elapsed, 2) for name in after}
     return round(sum(per.values()), 2), per
 
@@ -239,10 +240,13 @@ class Bench:
                     pass
 
     def throughput(self, task: str, rows: list[tuple[str, str]], batch: int) -> dict[str, Any]:
-        """Jobs/s from the first submission to the last end (ends counted in the tenant's stats)."""
+        """Jobs/s from the first submission to the last end (ends counted in the tenant's stats), and
+        the CPU each component of the stack spent meanwhile, ms per job."""
         target = self.ended(task) + len(rows)
         ids: list[str] = []
+        processes = stack_processes(self.stack)
         with self.client() as client:
+            cpu_before = cpu_seconds(processes)
             started = time.perf_counter()
             for start in range(0, len(rows), batch):
                 body = {"jobs": [{"task": task, "input": {"text": text}} for text, _ in rows[start:start + batch]]}
@@ -253,12 +257,15 @@ class Bench:
             while self.ended(task) < target and time.monotonic() < deadline:
                 time.sleep(0.02)
             elapsed_s = time.perf_counter() - started
+            cpu_after = cpu_seconds(processes)
             jobs = [client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in ids]
         correct = sum(1 for job, (_, intent) in zip(jobs, rows, strict=True)
                       if job["status"] == "succeeded" and str(job["result"]["label"]).split("__")[0] == intent)
         return {"jobs_per_s": round(len(rows) / elapsed_s, 2),
                 "succeeded": sum(1 for job in jobs if job["status"] == "succeeded"),
-                "accuracy": round(correct / len(rows), 4)}
+                "accuracy": round(correct / len(rows), 4),
+                "cpu_ms_per_job": {name: round(1e3 * (cpu_after[name] - cpu_before.get(name, cpu_after[name]))
+                                               / len(rows), 2) for name in cpu_after}}
 
     def steady(self, task: str, texts: list[str], rate: float,
                count: int) -> tuple[list[float], dict[str, list[float]]]:
@@ -308,6 +315,8 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--base-only-redis", action="store_true")
     parser.add_argument("--only-latency", action="store_true", help="only the steady run and the bare Embed call")
+    parser.add_argument("--worker-counts", default="1,2",
+                        help="small-worker processes of the throughput runs, comma-separated (a quick look: 1)")
     args = parser.parse_args()
     per_intent = intents(args.dataset)
     rows = evaluation_rows(per_intent, args.jobs)
@@ -378,7 +387,8 @@ def main() -> None:
                 figures["embed_call_p95_ms"] = round(percentile(bare, 95), 2)
                 print(f"bare Embed call: p50 {figures['embed_call_p50_ms']} ms, "
                       f"p95 {figures['embed_call_p95_ms']} ms", flush=True)
-                for workers in (() if args.only_latency else (1, 2)):
+                worker_counts = sorted({int(n) for n in args.worker_counts.split(",")})
+                for workers in (() if args.only_latency else worker_counts):
                     if workers == 2:
                         stack.start_worker(k.POOL_SMALL, name="worker-small-2")
                         bench.warm([TASK_77, TASK_308], texts[1])
@@ -392,15 +402,16 @@ def main() -> None:
                         figures[f"jobs_per_s{suffix}_rounds"] = [r["jobs_per_s"] for r in rounds]
                         figures[f"ratio{suffix}"] = round(result["jobs_per_s"] / offline_per_s, 4)
                         figures[f"accuracy{suffix}"] = result["accuracy"]
+                        figures[f"cpu_ms_per_job{suffix}"] = result["cpu_ms_per_job"]
                         print(f"{workers} small worker(s), {task}: {result['jobs_per_s']} jobs/s, the median of "
                               f"{[r['jobs_per_s'] for r in rounds]} ({figures[f'ratio{suffix}']:.3f}x offline), "
-                              f"{result['succeeded']}/{len(rows)} succeeded, intent accuracy {result['accuracy']:.3f}",
-                              flush=True)
+                              f"{result['succeeded']}/{len(rows)} succeeded, intent accuracy {result['accuracy']:.3f}; "
+                              f"CPU ms per job by process: {result['cpu_ms_per_job']}", flush=True)
         finally:
             stack.stop_all()
     if not (args.base_only_redis or args.only_latency):
         figures["offline_embed_texts_per_s"] = round(offline_per_s, 2)
-        figures["label_count_ratio_300_vs_77"] = round(figures["jobs_per_s_300_labels"]
+        figures["label_count_ratio_300_vs_77"] = round(figures.get("jobs_per_s_300_labels", 0.0)
                                                       / figures["jobs_per_s_77_labels"], 4)
     print(json.dumps({"bench": "pipeline_classify", "jobs": len(rows), **figures}))
 

@@ -36,12 +36,14 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
 from vllm.outputs import PoolingRequestOutput, RequestOutput
+from vllm.platforms import current_platform
 from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from smallfirst.common.errors import SmallfirstError
+from smallfirst.inference.engine_processes import BUSY_POLL_ENV, SpinLimitedExecutor
 from smallfirst.inference.settings import InferenceSettings
 from smallfirst.inference.tokenization import PromptTokenizer
 
@@ -199,6 +201,11 @@ def engine_args(settings: InferenceSettings) -> AsyncEngineArgs:
         kwargs["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if current_platform.is_cpu():
+        # The engine core and its model worker block between steps instead of spinning for a
+        # second after each (engine_processes.py). On GPU vLLM runs one model in the core's own
+        # process, with no such queue between them.
+        kwargs["distributed_executor_backend"] = SpinLimitedExecutor
     return AsyncEngineArgs(**kwargs)
 
 
@@ -221,6 +228,8 @@ class VllmEngine:
     @classmethod
     def start(cls, settings: InferenceSettings) -> VllmEngine:
         """Start the engine (its core runs in a child process); takes seconds to minutes."""
+        # Read by the engine's processes, which inherit this environment (engine_processes.py).
+        os.environ[BUSY_POLL_ENV] = repr(settings.engine_busy_poll_s)
         llm = AsyncLLM.from_engine_args(engine_args(settings))
         # vLLM reads its VLLM_* variables from os.environ on every access unless told to cache
         # them; its engine core and workers turn the cache on once started, its front end does
