@@ -57,7 +57,7 @@ BatchScorer = Callable[[np.ndarray], np.ndarray]
 class CoalescerSettings:
     max_batch: int = 64
     max_wait_s: float = 0.003
-    max_in_flight: int = 4
+    max_in_flight: int = 2
     flush_when_idle: bool = True
 
     def __post_init__(self) -> None:

@@ -73,10 +73,13 @@ class SmallWorkerSettings(CoreSettings):
     # Threads of each native pool (BLAS, OpenMP) of the process: the job threads are its parallelism.
     native_threads: int = Field(default=1, gt=0)
     # Coalescing of the jobs' Embed calls (coalescer.py): texts per call, how long the first text of a
-    # batch may wait for others while a call is in flight, and calls in flight at once.
+    # batch may wait for others while a call is in flight, and calls in flight at once. Two calls
+    # in flight: one runs while the next batch gathers, and batches grow with the load (on the
+    # 2-core bench, 250-287 jobs/s with 2, 243 with 4 and 181-200 with 1: each call and each engine
+    # step cost the inference service a fixed overhead, and a lone call leaves it idle between).
     embed_coalesce_max_batch: int = Field(default=64, gt=0)
     embed_coalesce_max_wait_s: float = Field(default=0.003, ge=0)
-    embed_coalesce_max_in_flight: int = Field(default=4, gt=0)
+    embed_coalesce_max_in_flight: int = Field(default=2, gt=0)
     # Build the catalog's label indexes when the worker starts instead of on each task's first job.
     warm_label_indexes: bool = True
 
