@@ -5,10 +5,10 @@ and its model worker. Every step's work goes from the core to the worker, and it
 through shared-memory queues whose readers, after each message, spin on `sched_yield` for a second
 (vLLM's default) before they block on a socket until the next message is written. Under a steady
 stream of small batches neither process ever blocks, so both spin at full speed between steps and
-take the CPU that everything else on the machine needs: measured on 2 cores, one text at a time,
-the engine processes used 8.3 ms of CPU per text where the model's work is about 2, and the whole
-small tier ran at a fifth of what vLLM embeds offline. A reader that blocks at once costs a socket
-wake-up per step instead (tens of microseconds).
+take the CPU that everything else on the machine needs. Measured through the whole stack on 2
+cores (bench/pipeline.py): the inference service used 10.9 ms of CPU per classify job and the
+stack ran 133 jobs/s; with readers that block at once, 2.9-3.2 ms and 243 jobs/s. Blocking costs a
+socket wake-up per hand-over instead: a lone call of one text took 7-10 ms instead of 5-6.
 
 vLLM has no setting for it, and it starts both processes with `spawn` on CPU, so nothing set in
 the server's process reaches them. `SpinLimitedExecutor` is the engine's executor class, which the

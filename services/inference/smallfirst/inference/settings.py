@@ -45,7 +45,7 @@ class InferenceSettings(BaseSettings):
     # what limits a small model's throughput. Ours (calls, tokens, engine backlog) stay on.
     engine_metrics: bool = False
     # Seconds vLLM's engine processes spin after each message of their step queues before they
-    # block (engine.limit_busy_polling). vLLM spins for 1 s, which on a machine shared with the
+    # block (engine_processes.py). vLLM spins for 1 s, which on a machine shared with the
     # callers takes their CPU under any steady load; 0 blocks at once, at a socket wake-up per step.
     engine_busy_poll_s: float = Field(default=0.0, ge=0)
     # Skips torch.compile: starts in half the time on CPU, for development and tests.
