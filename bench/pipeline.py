@@ -318,6 +318,9 @@ def main() -> None:
     parser.add_argument("--worker-counts", default="1,2",
                         help="small-worker processes of the throughput runs, comma-separated (a quick look: 1)")
     args = parser.parse_args()
+    worker_counts = sorted({int(n) for n in args.worker_counts.split(",")})
+    if not set(worker_counts) <= {1, 2}:
+        parser.error(f"--worker-counts: 1, 2 or both, not {args.worker_counts}")
     per_intent = intents(args.dataset)
     rows = evaluation_rows(per_intent, args.jobs)
     texts = [text for text, _ in rows]
@@ -387,7 +390,6 @@ def main() -> None:
                 figures["embed_call_p95_ms"] = round(percentile(bare, 95), 2)
                 print(f"bare Embed call: p50 {figures['embed_call_p50_ms']} ms, "
                       f"p95 {figures['embed_call_p95_ms']} ms", flush=True)
-                worker_counts = sorted({int(n) for n in args.worker_counts.split(",")})
                 for workers in (() if args.only_latency else worker_counts):
                     if workers == 2:
                         stack.start_worker(k.POOL_SMALL, name="worker-small-2")
@@ -411,8 +413,9 @@ def main() -> None:
             stack.stop_all()
     if not (args.base_only_redis or args.only_latency):
         figures["offline_embed_texts_per_s"] = round(offline_per_s, 2)
-        figures["label_count_ratio_300_vs_77"] = round(figures.get("jobs_per_s_300_labels", 0.0)
-                                                      / figures["jobs_per_s_77_labels"], 4)
+        if 1 in worker_counts:
+            figures["label_count_ratio_300_vs_77"] = round(figures["jobs_per_s_300_labels"]
+                                                          / figures["jobs_per_s_77_labels"], 4)
     print(json.dumps({"bench": "pipeline_classify", "jobs": len(rows), **figures}))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -15,84 +16,73 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture
-def spin_condition() -> type:
-    """A subclass of vLLM's SpinCondition to patch, so that vLLM's own class stays as it is."""
+def limited_condition() -> type:
+    """A subclass of vLLM's SpinCondition with the spin limit of 0 s applied (to the subclass, so
+    that vLLM's own class stays as it is)."""
     require_vllm()
     from vllm.distributed.device_communicators import shm_broadcast
+
+    from smallfirst.inference.engine_processes import limit_busy_polling
 
     class Condition(shm_broadcast.SpinCondition):
         pass
 
+    assert limit_busy_polling(0.0, Condition)
     return Condition
 
 
 @pytest.fixture
-def zmq_context() -> Iterator[object]:
+def queue_ends(limited_condition: type) -> Iterator[tuple[Any, Any]]:
+    """The writer and the reader side of one queue's notifications, made after the limit."""
     import zmq
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
 
     context = zmq.Context()
-    yield context
+    address = get_open_zmq_ipc_path()
+    writer = limited_condition(is_reader=False, context=context, notify_address=address)
+    reader = limited_condition(is_reader=True, context=context, notify_address=address)
+    yield writer, reader
     context.destroy(linger=0)
 
 
-def test_a_limited_reader_blocks_at_once_instead_of_spinning(spin_condition: type, zmq_context: object) -> None:
-    # given
-    from vllm.utils.network_utils import get_open_zmq_ipc_path
+def wait_in_background(reader: Any) -> threading.Event:
+    """Start `reader.wait` with no limit of its own (vLLM's would park it until a notification);
+    the event is set once it returns."""
+    returned = threading.Event()
 
-    from smallfirst.inference.engine_processes import limit_busy_polling
+    def wait() -> None:
+        reader.wait(timeout_ms=None)
+        returned.set()
 
-    address = get_open_zmq_ipc_path()
-    assert limit_busy_polling(0.0, spin_condition)
-    # when
-    writer = spin_condition(is_reader=False, context=zmq_context, notify_address=address)
-    reader = spin_condition(is_reader=True, context=zmq_context, notify_address=address)
+    threading.Thread(target=wait, daemon=True).start()
+    return returned
+
+
+def test_a_limited_reader_blocks_at_once_instead_of_spinning(queue_ends: tuple[Any, Any]) -> None:
+    # given: the ends of a queue made after the limit
+    writer, reader = queue_ends
     # then
     assert reader.busy_loop_s == 0.0
     assert writer.busy_loop_s == 0
 
 
-def test_a_reader_active_lately_does_not_wait_for_a_lost_notification(spin_condition: type,
-                                                                       zmq_context: object) -> None:
+def test_a_reader_active_lately_does_not_wait_for_a_lost_notification(queue_ends: tuple[Any, Any]) -> None:
     # given: a reader that just read a message, and a writer that never notifies it again
-    from vllm.utils.network_utils import get_open_zmq_ipc_path
-
-    from smallfirst.inference.engine_processes import limit_busy_polling
-
-    address = get_open_zmq_ipc_path()
-    limit_busy_polling(0.0, spin_condition)
-    spin_condition(is_reader=False, context=zmq_context, notify_address=address)
-    reader = spin_condition(is_reader=True, context=zmq_context, notify_address=address)
+    _, reader = queue_ends
     reader.record_read()
-    # when: it waits with no limit of its own (vLLM's would park it until a notification)
-    returned = threading.Event()
-
-    def wait() -> None:
-        reader.wait(timeout_ms=None)
-        returned.set()
-
-    threading.Thread(target=wait, daemon=True).start()
+    # when
+    returned = wait_in_background(reader)
     # then: it looks at the queue again soon, as the queue may hold a message after all
     assert returned.wait(10), "an active reader waited for a notification that never came"
 
 
-def test_an_idle_reader_parks_until_notified(spin_condition: type, zmq_context: object) -> None:
+def test_an_idle_reader_parks_until_notified(queue_ends: tuple[Any, Any]) -> None:
     # given: a reader whose last message is older than the active window
-    from vllm.utils.network_utils import get_open_zmq_ipc_path
+    from smallfirst.inference.engine_processes import ACTIVE_WINDOW_S
 
-    from smallfirst.inference.engine_processes import ACTIVE_WINDOW_S, limit_busy_polling
-
-    address = get_open_zmq_ipc_path()
-    limit_busy_polling(0.0, spin_condition)
-    writer = spin_condition(is_reader=False, context=zmq_context, notify_address=address)
-    reader = spin_condition(is_reader=True, context=zmq_context, notify_address=address)
+    writer, reader = queue_ends
     reader.last_read = time.monotonic() - ACTIVE_WINDOW_S - 1
-    returned = threading.Event()
-
-    def wait() -> None:
-        reader.wait(timeout_ms=None)
-        returned.set()
-
-    threading.Thread(target=wait, daemon=True).start()
+    returned = wait_in_background(reader)
     # when: nothing is written for a while, then a notification comes
     parked = not returned.wait(0.5)
     writer.notify()
