@@ -54,6 +54,9 @@ KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
 
 # ---- Celery task names ------------------------------------------------------------------------
 TASK_RUN_SMALL: Final = "smallfirst.run_small"
+# Several queued small-tier jobs in one message (a dispatcher's refill under load): one delivery,
+# QoS entry and acknowledgement for them all; each job still runs and ends on its own.
+TASK_RUN_SMALL_MANY: Final = "smallfirst.run_small_many"
 TASK_RUN_FRONTIER: Final = "smallfirst.run_frontier"
 TASK_DELIVER_WEBHOOK: Final = "smallfirst.deliver_webhook"
 # A shadow sample: the frontier also answers a job the small tier kept (frontier pool, low priority).

@@ -64,18 +64,19 @@ return count
 """
 
 # ARGV[1]: key base, [2]: backlog list, [3]: dispatching set, [4]: tenants hash, [5]: room, [6]: now,
-# [7]: deficit TTL, [8]: n, the number of lists that follow, whose lengths are taken off the room
-# (the tier queue's messages already waiting: read here, not in a round trip of their own), [9..8+n]:
-# those lists, then the priority steps, served strictly in this order. Answers {entries, waiting}:
+# [7]: deficit TTL, [8]: entries per message, [9]: n, the number of lists that follow, whose lengths
+# times [8] are taken off the room (the tier queue's messages already waiting: read here, not in a
+# round trip of their own), [10..9+n]: those lists, then the priority steps, served strictly in this
+# order. Answers {entries, waiting}:
 # the popped entries as a flat list {step, entry, step, entry, ...}, and 1 when entries still wait
 # in the fair lists after it, else 0. Each turn either pops at least one entry or finds its
 # tenant's list empty and drops the tenant, so the loop ends.
 _REFILL_SCRIPT = """
 local base, backlog, dispatching, tenants = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local room, now, ttl = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local counted = tonumber(ARGV[8])
-for c = 9, 8 + counted do
-  room = room - redis.call('LLEN', ARGV[c])
+local per_message, counted = tonumber(ARGV[8]), tonumber(ARGV[9])
+for c = 10, 9 + counted do
+  room = room - per_message * redis.call('LLEN', ARGV[c])
 end
 local out = {}
 local cache = {}
@@ -93,7 +94,7 @@ local function weight(tenant)
   return w
 end
 local drained = true
-for s = 9 + counted, #ARGV do
+for s = 10 + counted, #ARGV do
   local step = ARGV[s]
   local ring = base .. step .. ':ring'
   local deficits = base .. step .. ':deficit'
@@ -227,12 +228,13 @@ class FairQueues:
         return self.take(queue, room, now)[0]
 
     def take(self, queue: str, depth: int, now: float | None = None, *,
-             counted: Sequence[str] = ()) -> tuple[list[Dispatched], bool]:
-        """`refill` up to `depth` less the messages waiting in the `counted` lists (read in the same
-        script: a refill is one round trip), and whether entries still wait in the fair lists."""
+             counted: Sequence[str] = (), per_message: int = 1) -> tuple[list[Dispatched], bool]:
+        """`refill` up to `depth` entries less `per_message` for each message waiting in the `counted`
+        lists (read in the same script: a refill is one round trip), and whether entries still wait
+        in the fair lists."""
         answer = self._refill(args=[k.fair_base_key(queue), k.fair_backlog_key(queue), k.FAIR_DISPATCHING_KEY,
                                     k.TENANTS_KEY, depth, repr(time.time() if now is None else now),
-                                    k.FAIR_STATE_TTL_S, len(counted), *counted, *k.FAIR_STEPS])
+                                    k.FAIR_STATE_TTL_S, per_message, len(counted), *counted, *k.FAIR_STEPS])
         flat, waiting = answer[0], answer[1]
         return [parse_entry(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)], bool(int(waiting))
 

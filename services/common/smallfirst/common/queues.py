@@ -67,6 +67,7 @@ def make_celery(settings: CoreSettings, *, main: str = "smallfirst") -> Celery:
         task_default_priority=k.PRIORITY_NORMAL,
         task_routes={
             k.TASK_RUN_SMALL: {"queue": k.QUEUE_SMALL},
+            k.TASK_RUN_SMALL_MANY: {"queue": k.QUEUE_SMALL},
             k.TASK_RUN_FRONTIER: {"queue": k.QUEUE_FRONTIER},
             k.TASK_RUN_SHADOW: {"queue": k.QUEUE_FRONTIER},
             k.TASK_DELIVER_WEBHOOK: {"queue": k.QUEUE_WEBHOOKS},
@@ -156,15 +157,35 @@ class Publisher:
         """A shadow sample of a job the small tier kept, for the frontier pool, behind all else."""
         self._send(k.TASK_RUN_SHADOW, job.id, k.QUEUE_FRONTIER, k.PRIORITY_SHADOW, job.traceparent)
 
-    def dispatch(self, queue: str, entries: Sequence[Dispatched], max_batch: int = 500) -> None:
+    def dispatch(self, queue: str, entries: Sequence[Dispatched], max_batch: int = 500, *,
+                 jobs_per_message: int = 1) -> int:
         """Send the Celery messages of entries a dispatcher took from `queue`'s fair lists, through
-        one producer (pipelined), each at its priority step and with its job's traceparent."""
+        one producer (pipelined), each at its priority step and with its job's traceparent. On the
+        small queue, neighbouring entries of one step share a message, up to `jobs_per_message`
+        (`TASK_RUN_SMALL_MANY`, each job's traceparent in its arguments); a lone entry keeps the
+        one-job message. Answers the number of messages sent."""
+        per_message = jobs_per_message if queue == k.QUEUE_SMALL else 1
+        groups: list[list[Dispatched]] = []
+        for entry in entries:
+            if groups and len(groups[-1]) < per_message and groups[-1][0].step == entry.step:
+                groups[-1].append(entry)
+            else:
+                groups.append([entry])
         task = k.TASK_RUN_SMALL if queue == k.QUEUE_SMALL else k.TASK_RUN_FRONTIER
         with self.app.producer_or_acquire() as producer:
             batch = getattr(producer, "batch", None)
             with batch(max_size=max_batch) if batch is not None else contextlib.nullcontext():
-                for entry in entries:
-                    self._send(task, entry.job_id, queue, entry.step, entry.traceparent, producer)
+                for group in groups:
+                    first = group[0]
+                    if len(group) == 1:
+                        self._send(task, first.job_id, queue, first.step, first.traceparent, producer)
+                        continue
+                    with continued_trace(first.traceparent):
+                        self.app.send_task(
+                            k.TASK_RUN_SMALL_MANY, args=[[e.job_id for e in group], [e.traceparent for e in group]],
+                            queue=queue, priority=first.step, producer=producer,
+                            headers={k.HEADER_TRACEPARENT: first.traceparent} if first.traceparent else None)
+        return len(groups)
 
     def publish_webhook(self, job_id: str, traceparent: str | None = None) -> None:
         self._send(k.TASK_DELIVER_WEBHOOK, job_id, k.QUEUE_WEBHOOKS, k.PRIORITY_NORMAL, traceparent)

@@ -229,23 +229,29 @@ class Dispatcher:
     count), pops that many entries and records them as dispatching; then the messages sent through
     the publisher (one producer, pipelined), the records removed. The script also says whether
     entries still wait (`waiting`), so the thread knows how soon to look again without asking.
+
+    With `jobs_per_message` above 1 (the small queue), the room is counted in jobs: `depth`
+    messages of up to that many jobs each; a quiet queue still gets one job a message.
     """
 
-    def __init__(self, fair: FairQueues, publisher: Publisher, queue: str, *, depth: int) -> None:
+    def __init__(self, fair: FairQueues, publisher: Publisher, queue: str, *, depth: int,
+                 jobs_per_message: int = 1) -> None:
         self.fair = fair
         self.publisher = publisher
         self.queue = queue
         self.depth = depth
+        self.jobs_per_message = jobs_per_message if queue == k.QUEUE_SMALL else 1
         keys = k.priority_list_keys(queue)
         self._counted = tuple(keys[k.PRIORITY_STEPS.index(step)] for step in k.FAIR_STEPS)
         # Whether entries were left in the fair lists by the last refill (true until one ran).
         self.waiting = True
 
     def dispatch_once(self, now: float | None = None) -> int:
-        entries, self.waiting = self.fair.take(self.queue, self.depth, now, counted=self._counted)
+        entries, self.waiting = self.fair.take(self.queue, self.depth * self.jobs_per_message, now,
+                                               counted=self._counted, per_message=self.jobs_per_message)
         if not entries:
             return 0
-        self.publisher.dispatch(self.queue, entries)
+        self.publisher.dispatch(self.queue, entries, jobs_per_message=self.jobs_per_message)
         # Removed only once sent: a failure before leaves the records for the sweeper.
         self.fair.sent([entry.job_id for entry in entries])
         return len(entries)

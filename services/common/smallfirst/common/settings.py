@@ -55,6 +55,12 @@ class CoreSettings(BaseSettings):
     # Messages the dispatcher keeps waiting in each tier queue (beside the workers' prefetch, one
     # per thread): enough to cover its reaction time, few enough that a late tenant waits little.
     fair_queue_depth: int = Field(default=4, gt=0)
+    # Jobs a small-queue message may carry when a refill takes several at once (1: one per message).
+    # A message costs the worker its delivery, its QoS bookkeeping and its acknowledgement (kombu's
+    # round trips and the consumer thread's time under the interpreter lock), whatever it carries:
+    # on two cores that was about as much CPU as the rest of a classify job. The frontier queue keeps
+    # one job per message: each holds a long API call and its own retries.
+    small_jobs_per_message: int = Field(default=8, gt=0)
     # How often the dispatcher looks at a full tier queue while a backlog waits (an enqueue wakes it
     # at once, BLPOP), and how long a dispatcher's election lock lives unrenewed.
     fair_poll_s: float = Field(default=0.01, gt=0)

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -178,7 +179,8 @@ def install_pool_runtime(app: Celery, settings: CoreSettings, pool: str, bootstr
         fair = runtime.publisher.fair or FairQueues(runtime.store.redis)
         for queue in k.POOL_QUEUES.get(pool, ()):
             if queue in k.FAIR_QUEUES:
-                dispatcher = Dispatcher(fair, runtime.publisher, queue, depth=settings.fair_queue_depth)
+                dispatcher = Dispatcher(fair, runtime.publisher, queue, depth=settings.fair_queue_depth,
+                                        jobs_per_message=settings.small_jobs_per_message)
                 feeder = DispatcherThread(dispatcher, owner=runtime.worker_name, poll_s=settings.fair_poll_s,
                                           lock_ttl_s=settings.fair_lock_ttl_s)
                 feeder.start()
@@ -308,3 +310,47 @@ def register_job_task(app: Celery, name: str, tier: Tier, runner: Callable[[], J
             log.warning("job %s: infrastructure error, retrying: %s", job_id, exc)
             raise self.retry(exc=exc, countdown=retry_countdown_s(self.request.retries), max_retries=None,
                              retry=True, retry_policy=RETRY_PUBLISH_POLICY) from exc
+
+
+def register_jobs_task(app: Celery, name: str, tier: Tier, runner: Callable[[], JobRunner],
+                       fan_out: Callable[[], Executor]) -> None:
+    """The Celery task that runs one delivery of each of several jobs (`TASK_RUN_SMALL_MANY`).
+
+    Each job runs on `fan_out` (the process's job threads), so that the jobs of one message run side
+    by side (their embeddings share the coalescer's batches) and each in its own job span, under its
+    own traceparent. The message ends when every job has: acknowledged once all ran; given back, with
+    a backoff, carrying only the jobs that met an infrastructure error (the others ended already);
+    rejected without requeue if one raised anything else (a bug: as with a one-job message, its
+    job's lease runs out and the sweeper publishes it again, while the jobs that ended stay ended)."""
+
+    def run_one(job_id: str, traceparent: str | None, task_id: str) -> None:
+        with telemetry.continued_trace(traceparent), \
+                telemetry.job_span(k.SPAN_JOB_ATTEMPT, job_id, tier=tier.value):
+            runner().run(job_id, task_id)
+
+    @app.task(name=name, bind=True)
+    def run_jobs(self: CeleryTask, job_ids: list[str], traceparents: list[str | None]) -> None:
+        if len(traceparents) != len(job_ids):
+            raise ValueError(f"{len(job_ids)} job ids but {len(traceparents)} traceparents")
+        pool = fan_out()
+        futures = [pool.submit(run_one, job_id, traceparent, self.request.id)
+                   for job_id, traceparent in zip(job_ids, traceparents, strict=True)]
+        again: list[int] = []
+        retryable: BaseException | None = None
+        failure: BaseException | None = None
+        for i, future in enumerate(futures):
+            try:
+                future.result()
+            except RETRYABLE_ERRORS as exc:
+                again.append(i)
+                retryable = exc
+            except Exception as exc:
+                log.exception("job %s: its delivery failed", job_ids[i])
+                failure = failure or exc
+        if again:
+            log.warning("jobs %s: infrastructure error, retrying: %s", [job_ids[i] for i in again], retryable)
+            raise self.retry(args=[[job_ids[i] for i in again], [traceparents[i] for i in again]], exc=retryable,
+                             countdown=retry_countdown_s(self.request.retries), max_retries=None,
+                             retry=True, retry_policy=RETRY_PUBLISH_POLICY) from retryable
+        if failure is not None:
+            raise failure
