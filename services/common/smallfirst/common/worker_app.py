@@ -321,7 +321,9 @@ def register_jobs_task(app: Celery, name: str, tier: Tier, runner: Callable[[], 
     own traceparent. The message ends when every job has: acknowledged once all ran; given back, with
     a backoff, carrying only the jobs that met an infrastructure error (the others ended already);
     rejected without requeue if one raised anything else (a bug: as with a one-job message, its
-    job's lease runs out and the sweeper publishes it again, while the jobs that ended stay ended)."""
+    job's lease runs out and the sweeper publishes it again, while the jobs that ended stay ended;
+    the same holds for such a job when another met an infrastructure error and the retry carries
+    only that one)."""
 
     def run_one(job_id: str, traceparent: str | None, task_id: str) -> None:
         with telemetry.continued_trace(traceparent), \
