@@ -12,7 +12,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import redis
@@ -20,30 +19,19 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 
 from smallfirst.common import constants as k
-from smallfirst.common.fair import FairQueues
-from smallfirst.common.jobs import Tier
-from smallfirst.common.queues import Publisher, make_celery
+from smallfirst.common.jobs import Priority, Tier
+from smallfirst.common.queues import Publisher
 from smallfirst.common.runtime import Dispatcher
-from smallfirst.common.settings import CoreSettings
 from smallfirst.common.worker_app import register_jobs_task
+from tests.unit import test_fair_scheduling as fair_tests
 from tests.unit.test_fair_scheduling import make_job
+
+# The fair-scheduling tests' fixtures: a Redis client, and a publisher through the fair lists.
+client = fair_tests.client
+publisher = fair_tests.publisher
 
 DEPTH = 4
 PER_MESSAGE = 8
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def publisher(redis_url: str, catalog_path: Path, client: redis.Redis) -> Iterator[Publisher]:
-    app = make_celery(CoreSettings.model_validate({"redis_url": redis_url, "catalog_path": catalog_path}))
-    yield Publisher(app, FairQueues(client))
-    app.close()
 
 
 def queued_messages(client: redis.Redis, queue: str) -> list[tuple[str, list[str], list[str | None]]]:
@@ -89,8 +77,6 @@ def test_a_refill_under_load_sends_full_multi_job_messages_and_keeps_the_depth_i
 def test_a_lone_job_keeps_its_one_job_message_and_priorities_never_share_one(
         client: redis.Redis, publisher: Publisher) -> None:
     # given one high-priority job and three normal ones waiting
-    from smallfirst.common.jobs import Priority
-
     urgent = make_job("a", Priority.HIGH)
     normal = [make_job("a") for _ in range(3)]
     publisher.publish_jobs([urgent, *normal])
