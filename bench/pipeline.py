@@ -19,6 +19,8 @@ In one run on the same machine:
     submit to result, p50 and p95, next to the bare Embed call's;
   - Redis commands per job (INFO commandstats before and after the steady run, all commands of
     every client, so background traffic over the run's duration is included), and per second idle;
+    then Redis round trips per job (a transaction or a script call is one; MONITOR, over a steady
+    run of half as many jobs, apart because MONITOR slows Redis), and the commands scripts ran;
   - throughput again with a second small-worker process.
 The bench tasks keep every job on the small tier (no validator escalates it): the figures are the
 small tier's. Accuracy is the intent's (a paraphrase group's answer counts for its intent).
@@ -52,9 +54,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import psutil
@@ -66,6 +68,9 @@ from smallfirst.common import constants as k
 from smallfirst.common.catalog import default_catalog_path
 from smallfirst.common.tenants import TenantRegistry
 
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "banking77" / "train.csv"
 SEEDS_PER_INTENT = 10  # scripts/make_banking77_catalog.py
@@ -76,6 +81,7 @@ EXAMPLES_PER_GROUP = 8
 # The fine task's examples come from after the evaluation texts of each intent.
 FINE_EXAMPLES_FROM = 40
 TERMINAL = {"succeeded", "failed", "cancelled"}
+IDLE_TRIPS_S = 3.0  # idle time under MONITOR before the round-trip run, for the background traffic
 
 
 def intents(dataset: Path) -> dict[str, list[str]]:
@@ -126,13 +132,19 @@ def bench_catalog(folder: Path, per_intent: dict[str, list[str]]) -> None:
 
 def offline_embed(texts: list[str], model_path: str, queue: Any) -> None:
     from vllm import LLM
+    from vllm.platforms import current_platform
 
-    # The same engine settings the inference service runs with (1 GiB of KV cache, eager mode).
-    llm = LLM(model=model_path, runner="pooling", enforce_eager=True, dtype="bfloat16", kv_cache_memory_bytes=2**30)
+    from smallfirst.inference.dtypes import machine_dtype
+
+    # The same engine settings the inference service runs with (its default dtype, 1 GiB of KV
+    # cache, eager mode).
+    dtype = machine_dtype(on_cpu=current_platform.is_cpu()).dtype
+    llm = LLM(model=model_path, runner="pooling", enforce_eager=True, dtype=cast("ModelDType", dtype),
+              kv_cache_memory_bytes=2**30)
     llm.embed(texts[:64])  # warm-up
     started = time.perf_counter()
     llm.embed(texts)
-    queue.put(len(texts) / (time.perf_counter() - started))
+    queue.put((len(texts) / (time.perf_counter() - started), dtype))
     del llm
     gc.collect()
 
@@ -189,6 +201,58 @@ def redis_calls(client: redis.Redis) -> dict[str, int]:
 
 def calls_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {name: after[name] - before.get(name, 0) for name in after if after[name] - before.get(name, 0) > 0}
+
+
+class RoundTrips:
+    """Counts Redis round trips while it runs, from MONITOR: every command a client sends is one,
+    except that a MULTI ... EXEC transaction is one in all; commands a script runs are counted
+    apart (MONITOR shows them as the `lua` client's). A pipeline without a transaction would count
+    once per command (the stack's clients send none on the job path). MONITOR slows Redis down,
+    so this runs apart from the timed runs."""
+
+    STOP = "smallfirst-bench-monitor-stop"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.trips = 0
+        self.script_commands = 0
+        self.by_name: Counter[str] = Counter()  # round trips by their (first) command
+        self._in_transaction: set[tuple[str, str]] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> RoundTrips:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.client.echo(self.STOP)
+        self._thread.join(30)
+
+    def _watch(self) -> None:
+        with self.client.monitor() as monitor:
+            self._ready.set()
+            for command in monitor.listen():
+                text = str(command["command"])
+                if self.STOP in text:
+                    return
+                self._count(str(command.get("client_type")), (str(command.get("client_address")),
+                                                              str(command.get("client_port"))), text)
+
+    def _count(self, client_type: str, client: tuple[str, str], text: str) -> None:
+        if client_type == "lua":
+            self.script_commands += 1
+            return
+        name = text.split(" ", 1)[0].upper()
+        if client in self._in_transaction:
+            if name in ("EXEC", "DISCARD"):
+                self._in_transaction.discard(client)
+            return
+        if name == "MULTI":
+            self._in_transaction.add(client)
+        self.trips += 1
+        self.by_name[name] += 1
 
 
 def bare_embed_latency_ms(stack: Stack, texts: list[str], count: int) -> list[float]:
@@ -335,16 +399,17 @@ def main() -> None:
 
     model_path = bundled_embedding_model_path()
     offline_per_s = 0.0
+    figures: dict[str, Any] = {}
     if not (args.base_only_redis or args.only_latency):
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         child = context.Process(target=offline_embed, args=(texts, str(model_path), results))
         child.start()
-        offline_per_s = float(results.get(timeout=900))
+        offline_per_s, dtype = results.get(timeout=900)
         child.join(timeout=120)
-        print(f"offline vLLM embed: {offline_per_s:.1f} texts/s", flush=True)
+        figures["dtype"] = dtype
+        print(f"offline vLLM embed ({dtype}): {offline_per_s:.1f} texts/s", flush=True)
 
-    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         catalog = workdir / "catalog"
@@ -390,6 +455,27 @@ def main() -> None:
                   f"({figures['redis_commands_per_job_less_idle']} less the idle traffic): "
                   f"{figures['redis_commands_by_name_per_job']}", flush=True)
             print(f"stages (ms): {figures['latency_stages_ms']}", flush=True)
+            # Round trips: a shorter steady run of its own, under MONITOR.
+            trip_jobs = max(1, args.latency_jobs // 2)
+            with RoundTrips(redis.Redis.from_url(stack.redis_url)) as trips:
+                time.sleep(IDLE_TRIPS_S)
+                idle_trips, idle_scripted, idle_names = trips.trips, trips.script_commands, Counter(trips.by_name)
+                started = time.perf_counter()
+                bench.steady(TASK_77, texts[1:], args.rate, trip_jobs)
+                trips_s = time.perf_counter() - started
+            # After the monitor's last line (its stream may lag the commands).
+            job_trips, job_scripted = trips.trips - idle_trips, trips.script_commands - idle_scripted
+            background = idle_trips / IDLE_TRIPS_S * trips_s
+            figures["redis_round_trips_per_job"] = round(job_trips / trip_jobs, 1)
+            figures["redis_round_trips_per_job_less_idle"] = round((job_trips - background) / trip_jobs, 1)
+            figures["redis_script_commands_per_job"] = round(job_scripted / trip_jobs, 1)
+            figures["redis_round_trips_by_command_per_job"] = {
+                name: round(n / trip_jobs, 2) for name, n in (trips.by_name - idle_names).most_common()}
+            print(f"Redis round trips per job: {figures['redis_round_trips_per_job']} "
+                  f"({figures['redis_round_trips_per_job_less_idle']} less the idle traffic), and "
+                  f"{figures['redis_script_commands_per_job']} commands inside scripts "
+                  f"({trip_jobs} single jobs under MONITOR): {figures['redis_round_trips_by_command_per_job']}",
+                  flush=True)
             if not args.base_only_redis:
                 bare = bare_embed_latency_ms(stack, texts, 200)
                 figures["embed_call_p50_ms"] = round(statistics.median(bare), 2)

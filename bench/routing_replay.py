@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import yaml
@@ -46,11 +46,23 @@ from smallfirst.small_worker import trainer as tr
 from smallfirst.small_worker.heads import TrainedHead, unit_rows
 from smallfirst.small_worker.label_index import label_texts
 
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+
 SEED_TEMPERATURE = 0.05
 SEED_MIN_CONFIDENCE = 0.5
 
 
-def embeddings(texts: list[str], path: Path) -> dict[str, np.ndarray]:
+def service_dtype() -> str:
+    """The dtype the inference service runs in on this machine by default (its "auto")."""
+    from vllm.platforms import current_platform
+
+    from smallfirst.inference.dtypes import machine_dtype
+
+    return machine_dtype(on_cpu=current_platform.is_cpu()).dtype
+
+
+def embeddings(texts: list[str], path: Path, dtype: str) -> dict[str, np.ndarray]:
     cached: dict[str, np.ndarray] = {}
     if path.exists():
         data = np.load(path, allow_pickle=False)
@@ -61,8 +73,8 @@ def embeddings(texts: list[str], path: Path) -> dict[str, np.ndarray]:
 
         from smallfirst.inference.models import bundled_embedding_model_path
 
-        llm = LLM(model=str(bundled_embedding_model_path()), runner="pooling", enforce_eager=True, dtype="bfloat16",
-                  kv_cache_memory_bytes=2**30)
+        llm = LLM(model=str(bundled_embedding_model_path()), runner="pooling", enforce_eager=True,
+                  dtype=cast("ModelDType", dtype), kv_cache_memory_bytes=2**30)
         for text, output in zip(missing, llm.embed(missing), strict=True):
             cached[text] = np.asarray(output.outputs.embedding, dtype=np.float32)
         names = list(cached)
@@ -92,7 +104,8 @@ def figures(right: list[bool], kept: list[bool], held: list[bool], said_oos: lis
 
 def main() -> None:
     parser = protocol_arguments(__doc__)
-    parser.add_argument("--embeddings", type=Path, default=Path("/tmp/smallfirst-banking77-embeddings.npz"))
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="the vectors' cache (default /tmp/smallfirst-banking77-embeddings-DTYPE.npz)")
     parser.add_argument("--confidence-level", type=float, default=None)
     parser.add_argument("--verbose", action="store_true")
     # Saves the training data, recent inputs and the next 1,000 messages at training N, and stops,
@@ -122,7 +135,9 @@ def main() -> None:
             update={"confidence_level": args.confidence_level})})
 
     seed_texts = [t for label in task.labels for t in label_texts(label)]
-    vectors = embeddings(seed_texts + [text for text, _ in rows], args.embeddings)
+    dtype = service_dtype()
+    cache = args.embeddings or Path(f"/tmp/smallfirst-banking77-embeddings-{dtype}.npz")
+    vectors = embeddings(seed_texts + [text for text, _ in rows], cache, dtype)
     names = task.label_names
     index = {name: i for i, name in enumerate(names)}
     seed_x = unit_rows(np.stack([vectors[t] for t in seed_texts]))

@@ -4,8 +4,9 @@
         [--clients 64] [--gen-clients 512] [--rounds 3] [--only embedding|generation]
         [--gen-hidden-size 128] [--gen-layers 2] [--dataset PATH] [--server-arg=--engine-metrics ...]
 
-For each model, in one run on the same machine and with the same engine settings (dtype
-bfloat16, eager mode, 1 GiB of KV cache, 256 sequences and 4096 tokens per step):
+For each model, in one run on the same machine and with the same engine settings (the service's
+default dtype on this machine, eager mode, 1 GiB of KV cache, 256 sequences and 4096 tokens per
+step):
 - offline: vLLM's `LLM` class in a process of its own, handed every input at once (`LLM.embed`,
   `LLM.generate`): the engine's best case, with no server in the way.
 - grpc: the inference service (`smallfirst inference`, a separate process, deployed defaults
@@ -77,7 +78,6 @@ DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "banking77" / "train.csv
 EMBED_MODEL = "all-minilm-l6-v2"
 GEN_MODEL = "tiny-generator"
 KV_CACHE_GIB = 1
-DTYPE = "bfloat16"
 MAX_NUM_SEQS = 256
 MAX_NUM_BATCHED_TOKENS = 4096
 # vLLM logs to stdout too; the child's result is the line carrying this mark.
@@ -120,10 +120,19 @@ class CpuMeter:
         self.callers_s = own_cpu_s() - self._callers0
 
 
+def engine_dtype() -> str:
+    """The inference service's default dtype on this machine (bfloat16 where the CPU computes in it)."""
+    from vllm.platforms import current_platform
+
+    from smallfirst.inference.dtypes import machine_dtype
+
+    return machine_dtype(on_cpu=current_platform.is_cpu()).dtype
+
+
 # ---- offline (a child process: `small_tier.py _offline KIND MODEL INPUTS MAX_TOKENS`) ------------
 def engine_kwargs() -> dict[str, Any]:
     """Engine settings both sides share (the LLM class's CPU defaults for the batch sizes)."""
-    return {"dtype": DTYPE, "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30, "seed": 0,
+    return {"dtype": engine_dtype(), "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30, "seed": 0,
             "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
 
 
@@ -207,7 +216,7 @@ class Server:
         self.log_path = log_dir / f"inference-{name}.log"
         argv = [sys.executable, "-c", "from smallfirst.cli.main import main; main()", "inference",
                 "--model-path", str(model_path), "--served-model-name", name, "--host", "127.0.0.1",
-                "--port", str(self.port), "--metrics-port", "0", "--dtype", DTYPE, "--enforce-eager",
+                "--port", str(self.port), "--metrics-port", "0", "--dtype", engine_dtype(), "--enforce-eager",
                 "--kv-cache-space-gib", str(KV_CACHE_GIB), "--max-num-seqs", str(MAX_NUM_SEQS),
                 "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), *extra]
         with self.log_path.open("wb") as log:

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 @click.option("--served-model-name", help="Name clients ask for (default: the folder's name).")
 @click.option("--runner", type=click.Choice(["auto", "generate", "pooling"]),
               help="generate, pooling (embeddings), or auto: from the architecture (default).")
-@click.option("--dtype", help="Weights and activations type (default bfloat16).")
+@click.option("--dtype", help="Weights and activations type (default auto: bfloat16 where the hardware computes in it, "
+                             "else float32).")
 @click.option("--max-model-len", type=int, help="Context in tokens (default: the model's).")
 @click.option("--load-format", help='"dummy" for random weights (the tiny model).')
 @click.option("--kv-cache-space-gib", type=float, help="Explicit KV-cache size.")

@@ -24,9 +24,10 @@ class InferenceSettings(BaseSettings):
     # "generate" serves Generate/GenerateStream, "pooling" serves Embed; "auto" lets vLLM decide
     # from the model's architecture (BertModel: pooling, LlamaForCausalLM: generate).
     runner: Literal["auto", "generate", "pooling"] = "auto"
-    # bfloat16 has native kernels on current CPUs (AVX512-BF16/AMX) and GPUs; float16, the default
-    # many configs name, is emulated on CPU and about 8x slower there.
-    dtype: str = "bfloat16"
+    # "auto": bfloat16 on GPUs and on CPUs that compute in it (AVX512-BF16, AMX, Arm BF16), float32
+    # on other CPUs, where bfloat16 is emulated and several times slower (dtypes.py). float16, the
+    # dtype many configs name, is emulated on every CPU. Any other value goes to vLLM as it is.
+    dtype: str = "auto"
     # The context in tokens (prompt plus completion); without it, the model's own.
     max_model_len: int | None = Field(default=None, gt=0)
     # "dummy" fills the weights with random values (the tiny development model, GPU benchmarks).
