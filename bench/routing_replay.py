@@ -77,6 +77,10 @@ def embeddings(texts: list[str], path: Path, dtype: str) -> dict[str, np.ndarray
                   dtype=cast("ModelDType", dtype), kv_cache_memory_bytes=2**30)
         for text, output in zip(missing, llm.embed(missing), strict=True):
             cached[text] = np.asarray(output.outputs.embedding, dtype=np.float32)
+        # The engine's processes now, not at the interpreter's exit, where they held the replay
+        # alive after its last line (its training threads and vLLM's shutdown hooks crossed).
+        llm.llm_engine.engine_core.shutdown()
+        del llm
         names = list(cached)
         np.savez(path, texts=np.array(names), vectors=np.stack([cached[t] for t in names]))
     return cached
