@@ -222,12 +222,14 @@ def choose_threshold_on_stream(confidence: np.ndarray, correct: np.ndarray, stre
 
 
 # ---- the head ---------------------------------------------------------------------------------------
-def fit_head(x: np.ndarray, y: np.ndarray, classes: int, c: float = REGULARIZATION_C) -> tuple[np.ndarray, np.ndarray]:
+# The defaults of the functions below are the module's constants as they are when called (None), not
+# when defined: bench/routing_replay.py's --set changes them, for every fit and vote alike.
+def fit_head(x: np.ndarray, y: np.ndarray, classes: int, c: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weights (classes, dims) and bias (classes,) of a multinomial logistic regression; a class
     absent from `y` gets a bias that never wins."""
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=c, max_iter=MAX_ITER)
+    model = LogisticRegression(C=REGULARIZATION_C if c is None else c, max_iter=MAX_ITER)
     model.fit(x, y)
     weights = np.zeros((classes, x.shape[1]), dtype=np.float32)
     bias = np.full(classes, -50.0, dtype=np.float32)
@@ -251,20 +253,21 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def fitted_on(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int,
-              knn_weight: float = KNN_WEIGHT, votes: np.ndarray | None = None) -> np.ndarray:
+              knn_weight: float | None = None, votes: np.ndarray | None = None) -> np.ndarray:
     """The probabilities, for the examples outside the mask `train`, of a head fitted on those in it
     (its vote only among the rows of the mask `votes`, all by default)."""
     weights, bias = fit_head(x[train], y[train], classes)
     test = x[~train]
     voters = train if votes is None else train & votes
-    return blend_vote(softmax_rows(test @ weights.T + bias), test @ x[voters].T, y[voters], weight=knn_weight,
-                      k=KNN_K, temperature=KNN_TEMPERATURE)
+    return blend_vote(softmax_rows(test @ weights.T + bias), test @ x[voters].T, y[voters],
+                      weight=KNN_WEIGHT if knn_weight is None else knn_weight, k=KNN_K, temperature=KNN_TEMPERATURE)
 
 
-def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int = FOLDS, seed: int = 0,
-                           knn_weight: float = KNN_WEIGHT, votes: np.ndarray | None = None) -> np.ndarray:
+def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int | None = None, seed: int = 0,
+                           knn_weight: float | None = None, votes: np.ndarray | None = None) -> np.ndarray:
     """Per example, the probabilities of a head fitted without it (stratified K-fold); the heads
     vote among the rows of the mask `votes` only (all by default)."""
+    folds = FOLDS if folds is None else folds
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(y), dtype=np.int64)
     for label in np.unique(y):
