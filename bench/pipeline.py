@@ -132,13 +132,12 @@ def bench_catalog(folder: Path, per_intent: dict[str, list[str]]) -> None:
 
 def offline_embed(texts: list[str], model_path: str, queue: Any) -> None:
     from vllm import LLM
-    from vllm.platforms import current_platform
 
-    from smallfirst.inference.dtypes import machine_dtype
+    from smallfirst.inference.dtypes import platform_dtype
 
     # The same engine settings the inference service runs with (its default dtype, 1 GiB of KV
     # cache, eager mode).
-    dtype = machine_dtype(on_cpu=current_platform.is_cpu()).dtype
+    dtype = platform_dtype().dtype
     llm = LLM(model=model_path, runner="pooling", enforce_eager=True, dtype=cast("ModelDType", dtype),
               kv_cache_memory_bytes=2**30)
     llm.embed(texts[:64])  # warm-up

@@ -42,6 +42,7 @@ from bench.routing import (
 from smallfirst.common import constants as k
 from smallfirst.common.catalog import load_catalog
 from smallfirst.common.examples import ExampleSource
+from smallfirst.inference.dtypes import platform_dtype
 from smallfirst.small_worker import trainer as tr
 from smallfirst.small_worker.heads import TrainedHead, unit_rows
 from smallfirst.small_worker.label_index import label_texts
@@ -51,15 +52,6 @@ if TYPE_CHECKING:
 
 SEED_TEMPERATURE = 0.05
 SEED_MIN_CONFIDENCE = 0.5
-
-
-def service_dtype() -> str:
-    """The dtype the inference service runs in on this machine by default (its "auto")."""
-    from vllm.platforms import current_platform
-
-    from smallfirst.inference.dtypes import machine_dtype
-
-    return machine_dtype(on_cpu=current_platform.is_cpu()).dtype
 
 
 def embeddings(texts: list[str], path: Path, dtype: str) -> dict[str, np.ndarray]:
@@ -139,7 +131,8 @@ def main() -> None:
             update={"confidence_level": args.confidence_level})})
 
     seed_texts = [t for label in task.labels for t in label_texts(label)]
-    dtype = service_dtype()
+    # The inference service's default dtype on this machine.
+    dtype = platform_dtype().dtype
     cache = args.embeddings or Path(f"/tmp/smallfirst-banking77-embeddings-{dtype}.npz")
     vectors = embeddings(seed_texts + [text for text, _ in rows], cache, dtype)
     names = task.label_names

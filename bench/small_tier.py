@@ -68,6 +68,7 @@ from smallfirst.common.catalog import default_catalog_path, load_catalog
 from smallfirst.common.pb.inference.v1 import inference_pb2 as pb
 from smallfirst.common.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from smallfirst.common.prompts import render_prompt
+from smallfirst.inference.dtypes import platform_dtype
 from smallfirst.inference.tiny_model import TinyModelShape, write_tiny_model
 from smallfirst.small_worker.executor import DEFAULT_CLASSIFY_TEMPERATURE, softmax
 from smallfirst.small_worker.inference_client import InferenceClient
@@ -120,20 +121,11 @@ class CpuMeter:
         self.callers_s = own_cpu_s() - self._callers0
 
 
-def engine_dtype() -> str:
-    """The inference service's default dtype on this machine (bfloat16 where the CPU computes in it)."""
-    from vllm.platforms import current_platform
-
-    from smallfirst.inference.dtypes import machine_dtype
-
-    return machine_dtype(on_cpu=current_platform.is_cpu()).dtype
-
-
 # ---- offline (a child process: `small_tier.py _offline KIND MODEL INPUTS MAX_TOKENS`) ------------
 def engine_kwargs() -> dict[str, Any]:
     """Engine settings both sides share (the LLM class's CPU defaults for the batch sizes)."""
-    return {"dtype": engine_dtype(), "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30, "seed": 0,
-            "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
+    return {"dtype": platform_dtype().dtype, "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_GIB * 2**30,
+            "seed": 0, "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
 
 
 def offline_main(kind: str, model_path: str, inputs_path: str, max_tokens: int) -> None:
@@ -216,7 +208,7 @@ class Server:
         self.log_path = log_dir / f"inference-{name}.log"
         argv = [sys.executable, "-c", "from smallfirst.cli.main import main; main()", "inference",
                 "--model-path", str(model_path), "--served-model-name", name, "--host", "127.0.0.1",
-                "--port", str(self.port), "--metrics-port", "0", "--dtype", engine_dtype(), "--enforce-eager",
+                "--port", str(self.port), "--metrics-port", "0", "--dtype", platform_dtype().dtype, "--enforce-eager",
                 "--kv-cache-space-gib", str(KV_CACHE_GIB), "--max-num-seqs", str(MAX_NUM_SEQS),
                 "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), *extra]
         with self.log_path.open("wb") as log:

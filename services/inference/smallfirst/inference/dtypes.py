@@ -59,6 +59,10 @@ def resolve_dtype(requested: str, *, on_cpu: bool, flags: frozenset[str] | None)
     return DtypeChoice("float32", "CPU without bfloat16 instructions (no avx512_bf16, amx_bf16 or bf16 flag)")
 
 
-def machine_dtype(*, on_cpu: bool) -> DtypeChoice:
-    """What "auto" means on this machine (`on_cpu`: vLLM runs on the CPU here)."""
-    return resolve_dtype(AUTO, on_cpu=on_cpu, flags=read_cpu_flags() if on_cpu else None)
+def platform_dtype(requested: str = AUTO) -> DtypeChoice:
+    """`requested` resolved for the platform vLLM runs on in this process (imports vLLM): what the
+    inference service runs in, and what benchmarks measure their baselines in."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    return resolve_dtype(requested, on_cpu=on_cpu, flags=read_cpu_flags() if on_cpu else None)

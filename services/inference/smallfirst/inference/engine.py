@@ -43,7 +43,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from smallfirst.common.errors import SmallfirstError
-from smallfirst.inference.dtypes import AUTO, DtypeChoice, machine_dtype, resolve_dtype
+from smallfirst.inference.dtypes import platform_dtype
 from smallfirst.inference.engine_processes import BUSY_POLL_ENV, SpinLimitedExecutor
 from smallfirst.inference.settings import InferenceSettings
 from smallfirst.inference.tokenization import PromptTokenizer
@@ -180,19 +180,12 @@ class ModelInfo:
     embedding_dimensions: int = 0
 
 
-def engine_dtype(settings: InferenceSettings) -> DtypeChoice:
-    """The dtype the engine runs in: the settings', or for "auto" the machine's best (dtypes.py)."""
-    if settings.dtype != AUTO:
-        return resolve_dtype(settings.dtype, on_cpu=current_platform.is_cpu(), flags=None)
-    return machine_dtype(on_cpu=current_platform.is_cpu())
-
-
 def engine_args(settings: InferenceSettings) -> AsyncEngineArgs:
     kwargs: dict[str, Any] = {
         "model": settings.model_path,
         "served_model_name": settings.model_name,
         "runner": settings.runner,
-        "dtype": engine_dtype(settings).dtype,
+        "dtype": platform_dtype(settings.dtype).dtype,
         "load_format": settings.load_format,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "enforce_eager": settings.enforce_eager,
@@ -238,7 +231,7 @@ class VllmEngine:
         """Start the engine (its core runs in a child process); takes seconds to minutes."""
         # Read by the engine's processes, which inherit this environment (engine_processes.py).
         os.environ[BUSY_POLL_ENV] = repr(settings.engine_busy_poll_s)
-        dtype = engine_dtype(settings)
+        dtype = platform_dtype(settings.dtype)
         log.info("%s: dtype %s (%s)", settings.model_name, dtype.dtype, dtype.reason)
         llm = AsyncLLM.from_engine_args(engine_args(settings))
         # vLLM reads its VLLM_* variables from os.environ on every access unless told to cache
