@@ -28,6 +28,7 @@ from smallfirst.small_worker.trainer import (
     choose_threshold,
     choose_threshold_on_stream,
     clopper_pearson_lower,
+    held_out_probabilities,
     self_labelled,
     train_head,
     worse_than_live,
@@ -165,6 +166,27 @@ def test_the_bound_is_wider_with_fewer_calibration_examples() -> None:
     # when / then: the lower bound is further below 0.975 with few examples
     assert bound(200) < bound(20_000) - 0.005
     assert 0.96 < bound(20_000) < 0.976
+
+
+def test_an_examples_held_out_vote_counts_its_nearest_neighbours_but_never_itself_or_its_copies() -> None:
+    # given: 40 pairs of near twins (cosine 0.99) in directions of their own, the pairs' labels
+    # alternating between two classes, so that only the vote can tell a pair's class; plus two exact
+    # copies of a vector labelled with a third class, close to nothing else
+    rng = np.random.default_rng(17)
+    dims, pairs = 96, 40
+    basis = np.linalg.qr(rng.normal(size=(dims, dims)))[0]
+    directions, tilt = basis[:pairs + 1], basis[pairs + 1:2 * pairs + 1]
+    twins = [np.stack([d, 0.99 * d + np.sqrt(1 - 0.99**2) * t]) for d, t in zip(directions[:pairs], tilt, strict=True)]
+    x = np.concatenate([*twins, np.stack([directions[pairs]] * 2)]).astype(np.float32)
+    y = np.concatenate([np.repeat(np.arange(pairs) % 2, 2), [2, 2]])
+    # when: every held-out probability comes from the vote alone
+    probabilities = held_out_probabilities(x, y, 3, folds=5, knn_weight=1.0)
+    # then: each twin's vote is its twin's label, whichever fold the two fell in (a vote held out
+    # by folds loses the twin when both are in the same fold)
+    assert (probabilities[:2 * pairs].argmax(axis=1) == y[:2 * pairs]).all()
+    assert (probabilities[np.arange(2 * pairs), y[:2 * pairs]] > 0.99).all()
+    # and the copies do not vote for each other: their third class gets nothing from the vote
+    assert (probabilities[2 * pairs:, 2] < 1e-6).all()
 
 
 def test_a_trained_head_goes_live_and_a_polling_worker_cache_picks_it_up(redis_url: str) -> None:
