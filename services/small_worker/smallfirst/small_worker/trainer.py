@@ -255,14 +255,18 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     return result
 
 
+def regression_on(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int) -> np.ndarray:
+    """The regression's probabilities, for the examples outside the mask `train`, fitted on those in it."""
+    weights, bias = fit_head(x[train], y[train], classes)
+    return softmax_rows(x[~train] @ weights.T + bias)
+
+
 def fitted_on(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int,
               knn_weight: float | None = None, votes: np.ndarray | None = None) -> np.ndarray:
     """The probabilities, for the examples outside the mask `train`, of a head fitted on those in it
     (its vote only among the rows of the mask `votes`, all by default)."""
-    weights, bias = fit_head(x[train], y[train], classes)
-    test = x[~train]
     voters = train if votes is None else train & votes
-    return blend_vote(softmax_rows(test @ weights.T + bias), test @ x[voters].T, y[voters],
+    return blend_vote(regression_on(x, y, train, classes), x[~train] @ x[voters].T, y[voters],
                       weight=KNN_WEIGHT if knn_weight is None else knn_weight, k=KNN_K, temperature=KNN_TEMPERATURE)
 
 
@@ -291,8 +295,7 @@ def held_out_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: in
     for fold in range(folds):
         test = fold_of == fold
         if test.any():
-            weights, bias = fit_head(x[~test], y[~test], classes)
-            probabilities[test] = softmax_rows(x[test] @ weights.T + bias)
+            probabilities[test] = regression_on(x, y, ~test, classes)
     if weight <= 0:
         return probabilities
     voters = np.flatnonzero(np.ones(len(y), dtype=bool) if votes is None else votes)
